@@ -1,0 +1,138 @@
+"""The `zoo` command as a user runs it: train, sample, eval, kill -9 and resume, two processes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from zoo import checkpoint
+from zoo import metrics
+from zoo import runs
+
+from conftest import REPO
+
+SMOKE = 'experiments/quickstart.py:smoke=True'
+QUIET = ['--config.train.progress_bar=false']
+
+
+def zoo(*args, env=None, check=True, **kwargs):
+  """Runs `python -m zoo.main ARGS` from the repository root."""
+  proc = subprocess.run([sys.executable, '-m', 'zoo.main', *args], cwd=REPO, env=env or dict(
+      os.environ), capture_output=True, text=True, timeout=600, **kwargs)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'zoo {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+  return proc
+
+
+def final_params(workdir):
+  _, _, state = runs.load(str(workdir))
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state['params']))]
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('smoke')
+  zoo('train', '--config', SMOKE, '--workdir', str(workdir), '--config.mesh.data=1', *QUIET)
+  return workdir
+
+
+def test_smoke_run_leaves_config_metrics_checkpoint_and_png(smoke_run):
+  assert (smoke_run / 'config.json').exists()
+  rows = metrics.read_jsonl(smoke_run / 'metrics.jsonl')
+  assert [r['step'] for r in rows if 'loss' in r] == [5, 10, 15, 20]
+  ckpt = checkpoint.Checkpointer(str(smoke_run / 'checkpoints'))
+  assert ckpt.latest_step() == 20
+  ckpt.close()
+  png = Image.open(smoke_run / 'samples' / 'step_000020.png')
+  assert png.size[0] > 16 * 4 and png.mode == 'L'
+  assert list((smoke_run / 'tensorboard').iterdir())
+
+
+def test_sample_and_eval_commands(smoke_run, tmp_path):
+  out = tmp_path / 'grid.png'
+  zoo('sample', '--workdir', str(smoke_run), '--num', '6', '--label', '3', '--label', '7',
+      '--steps', '4', '--sampler', 'ddpm', '--guidance', '3', '--out', str(out), '--upscale', '1')
+  grid = np.asarray(Image.open(out))
+  # Two columns (labels 3 and 7) and three rows of 16x16 images with 1-pixel borders.
+  assert grid.shape == (3 * 17 + 1, 2 * 17 + 1)
+  proc = zoo('eval', '--workdir', str(smoke_run))
+  assert 'val/eval_loss' in proc.stdout
+  assert (smoke_run / 'eval_metrics.jsonl').exists()
+  bad = zoo('sample', '--workdir', str(smoke_run), '--label', '11', '--out', str(out), check=False)
+  assert bad.returncode == 2 and 'labels must lie in [0, 10]' in bad.stderr
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+  proc = zoo('train', '--config', SMOKE, '--workdir', str(tmp_path), '--config.train.stepz=3',
+             check=False)
+  assert proc.returncode == 2
+  assert "unknown config key 'train.stepz'" in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_eight_devices_log_the_same_losses(smoke_run, tmp_path):
+  zoo('train', '--config', SMOKE, '--workdir', str(tmp_path), '--config.mesh.data=8', *QUIET)
+  one = [r['loss'] for r in metrics.read_jsonl(smoke_run / 'metrics.jsonl') if 'loss' in r]
+  eight = [r['loss'] for r in metrics.read_jsonl(tmp_path / 'metrics.jsonl') if 'loss' in r]
+  np.testing.assert_allclose(one, eight, rtol=1e-4)
+
+
+def test_kill_9_then_same_command_resumes_to_identical_params(tmp_path):
+  args = ['train', '--config', 'experiments/quickstart.py:smoke=True,steps=40', *QUIET,
+          '--config.mesh.data=1', '--config.train.checkpoint_every=5', '--config.evals={}']
+  zoo(*args, '--workdir', str(tmp_path / 'whole'))
+  victim = subprocess.Popen([sys.executable, '-m', 'zoo.main', *args, '--workdir',
+                             str(tmp_path / 'killed')], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  ckpt_dir = tmp_path / 'killed' / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and victim.poll() is None:
+    done = [int(p.name) for p in ckpt_dir.glob('*') if p.name.isdigit()] if ckpt_dir.exists() else []
+    if done and max(done) >= 10:
+      break
+    time.sleep(0.05)
+  assert victim.poll() is None, 'the run finished before it could be killed'
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  zoo(*args, '--workdir', str(tmp_path / 'killed'))
+  rows = metrics.read_jsonl(tmp_path / 'killed' / 'metrics.jsonl')
+  assert rows[-1]['step'] == 40
+  for a, b in zip(final_params(tmp_path / 'whole'), final_params(tmp_path / 'killed')):
+    np.testing.assert_array_equal(a, b)
+
+
+def _device_flags(n):
+  flags = [f for f in os.environ['XLA_FLAGS'].split() if 'device_count' not in f]
+  return ' '.join([*flags, f'--xla_force_host_platform_device_count={n}'])
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  args = ['train', '--config', 'experiments/quickstart.py:smoke=True,steps=6', *QUIET,
+          '--config.train.checkpoint_every=3', '--config.evals={}']
+  env = dict(os.environ, XLA_FLAGS=_device_flags(2))
+  zoo(*args, '--workdir', str(tmp_path / 'one'), env=dict(env, XLA_FLAGS=_device_flags(4)))
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'zoo.main', *args, '--workdir', str(tmp_path / 'two')], cwd=REPO,
+      env=dict(env, ZOO_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', ZOO_NUM_PROCESSES='2',
+               ZOO_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  one = [r['loss'] for r in metrics.read_jsonl(tmp_path / 'one' / 'metrics.jsonl') if 'loss' in r]
+  two = [r['loss'] for r in metrics.read_jsonl(tmp_path / 'two' / 'metrics.jsonl') if 'loss' in r]
+  np.testing.assert_allclose(one, two, rtol=1e-4)
+  for a, b in zip(final_params(tmp_path / 'one'), final_params(tmp_path / 'two')):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)

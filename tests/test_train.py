@@ -1,0 +1,199 @@
+"""The loop: update step, learning, sharded == unsharded, resume, non-finite stop, checkpoints."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import data as data_lib
+from zoo import checkpoint
+from zoo import config as zoo_config
+from zoo import metrics
+from zoo import optim
+from zoo import runs
+from zoo import train
+
+from conftest import REPO
+
+QUICKSTART = os.path.join(REPO, 'experiments', 'quickstart.py')
+
+
+def smoke_config(*overrides):
+  base = ['--config.train.progress_bar=false', '--config.evals.samples.per_label=1',
+          '--config.evals.samples.labels=(0,1)', '--config.evals.val.num_batches=1']
+  return zoo_config.load(f'{QUICKSTART}:smoke=True', base + list(overrides))
+
+
+def params_of(workdir, key='params'):
+  _, _, state = runs.load(workdir)
+  return jax.tree.map(np.asarray, jax.device_get(state[key]))
+
+
+def assert_trees(a, b, exact=True, **tol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if exact:
+      np.testing.assert_array_equal(x, y)
+    else:
+      np.testing.assert_allclose(x, y, **tol)
+
+
+def test_train_step_accumulation_equals_full_batch():
+  def loss_fn(params, batch, rng):
+    err = batch['x'] @ params['w'] - batch['y']
+    loss = jnp.mean(err ** 2)
+    return loss, {'mse': loss}
+  rng = np.random.default_rng(0)
+  batch = {'x': rng.normal(size=(8, 3)).astype(np.float32),
+           'y': rng.normal(size=(8,)).astype(np.float32)}
+  params = {'w': jnp.ones((3,))}
+  tx = optax.adam(0.1)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+           'ema_params': params}
+  step = functools.partial(train.train_step, loss_fn=loss_fn, tx=tx,
+                           schedule=optax.constant_schedule(0.1), ema_decay=0.5)
+  full, m_full = jax.jit(functools.partial(step, grad_accum=1))(state, batch, jax.random.PRNGKey(0))
+  acc, m_acc = jax.jit(functools.partial(step, grad_accum=4))(state, batch, jax.random.PRNGKey(0))
+  assert_trees(full['params'], acc['params'], exact=False, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m_full['grad_norm'], m_acc['grad_norm'], rtol=1e-5)
+  assert int(full['step']) == 1
+  # EMA halfway between the old and the new params.
+  np.testing.assert_allclose(full['ema_params']['w'], (params['w'] + full['params']['w']) / 2,
+                             rtol=1e-6)
+  assert np.any(np.asarray(full['params']['w']) != 1.0)
+
+
+def test_lr_schedule_warmup_and_decay():
+  cfg = smoke_config('--config.optim.warmup_steps=10', '--config.optim.lr=1.0').optim
+  sched = optim.lr_schedule(cfg, 110)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(float(sched(5)), 0.5)
+  np.testing.assert_allclose(float(sched(10)), 1.0)
+  np.testing.assert_allclose(float(sched(110)), cfg.end_lr_factor, rtol=1e-5)
+
+
+def test_loss_goes_down_on_digits(tmp_path):
+  config = smoke_config('--config.train.steps=200', '--config.train.batch_size=16',
+                        '--config.train.log_every=10', '--config.train.checkpoint_every=200',
+                        '--config.optim.warmup_steps=20', '--config.mesh.data=1')
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = [r for r in metrics.read_jsonl(tmp_path / 'metrics.jsonl') if 'loss' in r]
+  assert [r['step'] for r in rows] == list(range(10, 201, 10))
+  first, last = np.mean([r['loss'] for r in rows[:2]]), np.mean([r['loss'] for r in rows[-3:]])
+  assert last < 0.6 * first, (first, last)
+  for key in ('grad_norm', 'param_norm', 'lr', 'examples_per_sec'):
+    assert all(np.isfinite(r[key]) for r in rows)
+  assert (tmp_path / 'samples' / 'step_000200.png').exists()
+  evals = [r for r in metrics.read_jsonl(tmp_path / 'metrics.jsonl') if 'val/eval_loss' in r]
+  assert evals and evals[-1]['step'] == 200
+
+
+def _losses(workdir):
+  return [r['loss'] for r in metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+          if 'loss' in r]
+
+
+def test_sharded_equals_single_device(tmp_path):
+  # SGD: Adam divides near-zero gradients by their own tiny norms, which turns the harmless
+  # reduction-order noise of a different layout into O(lr) parameter differences.
+  common = ['--config.train.steps=6', '--config.train.log_every=1', '--config.optim.name=sgd',
+            '--config.optim.lr=0.05', '--config.train.checkpoint_every=6', '--config.evals={}']
+  # mesh.data=8 alone is compared by tests/test_cli.py, through the command line.
+  layouts = {'single': ['--config.mesh.data=1'],
+             'data4_fsdp2': ['--config.mesh.data=4', '--config.mesh.fsdp=2']}
+  results = {}
+  for name, mesh in layouts.items():
+    config = smoke_config(*common, *mesh)
+    state = train.train_and_evaluate(config, str(tmp_path / name))
+    if name == 'data4_fsdp2':
+      specs = [x.sharding.spec for x in jax.tree.leaves(state['params'])]
+      assert any('fsdp' in str(s) for s in specs), 'fsdp rules sharded nothing'
+    results[name] = jax.tree.map(np.asarray, jax.device_get(state['params']))
+  assert_trees(results['single'], results['data4_fsdp2'], exact=False, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(_losses(tmp_path / 'single'), _losses(tmp_path / 'data4_fsdp2'),
+                             rtol=1e-4)
+
+
+def test_resume_is_bit_equal(tmp_path):
+  common = ['--config.optim.schedule=constant', '--config.optim.warmup_steps=0',
+            '--config.train.checkpoint_every=3', '--config.evals={}', '--config.mesh.data=2']
+  whole = train.train_and_evaluate(smoke_config('--config.train.steps=8', *common),
+                                   str(tmp_path / 'whole'))
+  train.train_and_evaluate(smoke_config('--config.train.steps=4', *common), str(tmp_path / 'split'))
+  resumed = train.train_and_evaluate(smoke_config('--config.train.steps=8', *common),
+                                     str(tmp_path / 'split'))
+  for key in ('params', 'ema_params', 'opt_state'):
+    assert_trees(jax.device_get(whole[key]), jax.device_get(resumed[key]))
+  assert _losses(tmp_path / 'whole')[-1] == _losses(tmp_path / 'split')[-1]
+
+
+class _PoisonedBatches:
+  """Wraps an input pipeline and turns batch `bad` into NaNs (a corrupt record)."""
+
+  def __init__(self, batches, bad):
+    self.batches, self.bad, self.count = batches, bad, 0
+
+  def __next__(self):
+    batch = next(self.batches)
+    self.count += 1
+    if self.count == self.bad:
+      batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+    return batch
+
+  def __getattr__(self, name):
+    return getattr(self.batches, name)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  real = data_lib.get_dataset
+  monkeypatch.setattr(data_lib, 'get_dataset',
+                      lambda *a, **k: _PoisonedBatches(real(*a, **k), bad=5))
+  config = smoke_config('--config.train.steps=10', '--config.train.checkpoint_every=2',
+                        '--config.evals={}', '--config.mesh.data=1')
+  with pytest.raises(FloatingPointError, match='at step 5'):
+    train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.undo()
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  assert ckpt.latest_step() == 4
+  ckpt.close()
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params_of(str(tmp_path))))
+
+
+def test_checkpoint_of_another_model_is_refused_with_a_readable_list(tmp_path):
+  small = ['--config.train.steps=2', '--config.train.checkpoint_every=2', '--config.evals={}',
+           '--config.mesh.data=1']
+  train.train_and_evaluate(smoke_config(*small), str(tmp_path / 'a'))
+  other = smoke_config(*small, '--config.model.block_out_channels=(16,32)',
+                       '--config.train.steps=4')
+  with pytest.raises(ValueError, match=r'does not fit this model') as err:
+    train.train_and_evaluate(other, str(tmp_path / 'a'))
+  assert ('down_blocks_1/resnets_0/conv1/kernel checkpoint (3, 3, 16, 24) vs model (3, 3, 16, 32)'
+          in str(err.value))
+  with pytest.raises(ValueError, match=r'does not fit this model'):
+    train.train_and_evaluate(smoke_config(*small, '--config.model.block_out_channels=(16,32)',
+                                          f'--config.init_from={tmp_path / "a"}'),
+                             str(tmp_path / 'b'))
+
+
+def test_init_from_loads_another_runs_params(tmp_path):
+  small = ['--config.train.steps=2', '--config.train.checkpoint_every=2', '--config.evals={}',
+           '--config.mesh.data=1']
+  train.train_and_evaluate(smoke_config(*small), str(tmp_path / 'a'))
+  source = params_of(str(tmp_path / 'a'))
+  config = smoke_config('--config.train.steps=0', '--config.train.checkpoint_every=1',
+                        '--config.evals={}', f'--config.init_from={tmp_path / "a"}')
+  state = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert_trees(source, jax.device_get(state['params']))
+
+
+def test_workdir_has_config_json(tmp_path):
+  config = smoke_config('--config.train.steps=1', '--config.evals={}', '--config.mesh.data=1')
+  train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / 'config.json') as f:
+    saved = json.load(f)
+  assert saved['train']['steps'] == 1 and saved['model']['name'] == 'unet'

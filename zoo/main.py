@@ -1,0 +1,74 @@
+"""The `zoo` command line: parses flags and calls library functions, nothing else.
+
+  zoo train  --config experiments/NAME.py[:key=value,...] --workdir DIR [--config.a.b=V ...]
+  zoo sample --workdir DIR --num N --out grid.png [--sampler S --steps K --guidance G --label L --seed K]
+  zoo eval   --workdir DIR
+"""
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _parser():
+  parser = argparse.ArgumentParser(prog='zoo', description=__doc__.split('\n')[0])
+  sub = parser.add_subparsers(dest='command', required=True)
+  train = sub.add_parser('train', help='train (or resume) an experiment in a workdir')
+  train.add_argument('--config', required=True, help='experiments/NAME.py[:key=value,...]')
+  train.add_argument('--workdir', required=True)
+  sample = sub.add_parser('sample', help='write a PNG grid of samples from a workdir')
+  sample.add_argument('--workdir', required=True)
+  sample.add_argument('--num', type=int, default=16)
+  sample.add_argument('--out', default='samples.png')
+  sample.add_argument('--sampler', default=None, help='ddpm or ddim (default: the experiment\'s)')
+  sample.add_argument('--steps', type=int, default=None)
+  sample.add_argument('--guidance', type=float, default=None)
+  sample.add_argument('--label', type=int, action='append', default=None,
+                      help='class id; repeat for several (default: all classes)')
+  sample.add_argument('--seed', type=int, default=0)
+  sample.add_argument('--upscale', type=int, default=4)
+  evaluate = sub.add_parser('eval', help='run the experiment\'s evaluators on the latest checkpoint')
+  evaluate.add_argument('--workdir', required=True)
+  return parser
+
+
+def main(argv=None):
+  """Entry point; returns a process exit code."""
+  argv = sys.argv[1:] if argv is None else argv
+  overrides = [a for a in argv if a.startswith('--config.')]
+  args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  if overrides and args.command != 'train':
+    raise SystemExit('--config.* overrides apply to `zoo train` only')
+  # Imported after parsing: `zoo --help` should not wait for JAX.
+  from zoo import config as zoo_config
+  from zoo import runs
+  from zoo import train
+  try:
+    if args.command == 'train':
+      config = zoo_config.load(args.config, overrides)
+      train.train_and_evaluate(config, args.workdir)
+    elif args.command == 'sample':
+      runs.sample(args.workdir, args.out, num=args.num, labels=args.label, sampler=args.sampler,
+                  steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                  upscale=args.upscale)
+      print(args.out)
+    else:
+      print(json.dumps(runs.evaluate(args.workdir), indent=2))
+  except (ValueError, FileNotFoundError) as e:
+    print(f'zoo {args.command}: error: {e}', file=sys.stderr)
+    return 2
+  except FloatingPointError as e:
+    print(f'zoo {args.command}: stopped: {e}', file=sys.stderr)
+    return 3
+  return 0
+
+
+def run():
+  """Console-script entry point."""
+  sys.exit(main())
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,375 @@
+"""Time-conditioned U-Net with diffusers `UNet2DModel` architecture and parameter names.
+
+Legend: B batch, H/W height/width, C channels, T time-embedding width (4 * block_out_channels[0]),
+L context length, D context width. Activations are NHWC.
+
+Parameter paths follow diffusers' Flax naming (`down_blocks_0/resnets_0/conv1`,
+`mid_block/attentions_0/to_q`, `up_blocks_2/upsamplers_0/conv`, ...), so a PyTorch
+`UNet2DModel` state dict converts by renaming `x.0` -> `x_0`, transposing kernels
+(conv OIHW -> HWIO, linear W -> W.T) and renaming norm `weight` -> `scale`,
+embedding `weight` -> `embedding`.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.nn import layers
+
+DOWN_BLOCK_TYPES = ('DownBlock2D', 'AttnDownBlock2D')
+UP_BLOCK_TYPES = ('UpBlock2D', 'AttnUpBlock2D')
+ACT_AXES = ('act_batch', None, None, 'act_emb')
+# Image-side tensors (3 or 4 channels) are never channel-sharded.
+IMAGE_AXES = ('act_batch', None, None, None)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Test-sized: two levels, attention (3 heads) on the lower one, ~118k params.
+    'tiny': dict(
+        block_out_channels=(16, 24), layers_per_block=1,
+        down_block_types=('DownBlock2D', 'AttnDownBlock2D'),
+        up_block_types=('AttnUpBlock2D', 'UpBlock2D'),
+        attention_head_dim=8, norm_num_groups=8),
+    # Class-conditional 1-channel digits at 16x16 or 32x32; attention at 1/2 resolution.
+    'digits': dict(
+        in_channels=1, out_channels=1, block_out_channels=(32, 64, 96), layers_per_block=2,
+        down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D'),
+        up_block_types=('UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+        attention_head_dim=32, norm_num_groups=8, num_classes=10),
+    # google/ddpm-cifar10-32: attention_head_dim null -> one head; TF-style (0, 1) downsample
+    # padding; DDPM sin-first embedding with denominator half - 1.
+    'ddpm-cifar10': dict(
+        block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+        down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D'),
+        up_block_types=('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+        attention_head_dim=0, norm_num_groups=32, norm_eps=1e-6,
+        flip_sin_to_cos=False, freq_shift=1.0, downsample_padding=0),
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+  """A fresh copy of the named preset's UNet keyword arguments."""
+  if name not in PRESETS:
+    raise ValueError(f'unknown UNet preset {name!r}; allowed: {sorted(PRESETS)}')
+  return dict(PRESETS[name])
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm-SiLU-conv twice with the projected time embedding added in between."""
+  out_channels: int
+  num_groups: int
+  eps: float
+  dropout: float
+  dtype: Any
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, temb_BxT, train):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda name: layers.GroupNorm(self.num_groups, self.eps, name=name, **kw)
+    h = layers.conv(self.out_channels, 3, name='conv1', **kw)(
+        nn.silu(norm('norm1')(x_BxHxWxC)))
+    t_BxC = layers.dense(self.out_channels, ('embed', 'conv_out'), name='time_emb_proj', **kw)(
+        nn.silu(temb_BxT))
+    h = nn.silu(norm('norm2')(h + t_BxC[:, None, None, :]))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = layers.conv(self.out_channels, 3, name='conv2', **kw)(h)
+    skip = x_BxHxWxC.astype(self.dtype)
+    if x_BxHxWxC.shape[-1] != self.out_channels:
+      skip = layers.conv(self.out_channels, 1, padding='VALID', name='conv_shortcut', **kw)(skip)
+    return skip + h
+
+
+class Downsample(nn.Module):
+  """3x3 stride-2 conv; padding 1 is symmetric, padding 0 pads (0, 1) like TF 'SAME' (DDPM)."""
+  channels: int
+  padding: int
+  dtype: Any
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    pad = ((1, 1), (1, 1)) if self.padding == 1 else ((0, 1), (0, 1))
+    return layers.conv(self.channels, 3, strides=2, padding=pad, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name='conv')(x_BxHxWxC)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 then a 3x3 conv."""
+  channels: int
+  dtype: Any
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    x = jnp.repeat(jnp.repeat(x_BxHxWxC, 2, axis=1), 2, axis=2)
+    return layers.conv(self.channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name='conv')(x)
+
+
+class TimestepEmbedding(nn.Module):
+  """linear_1 -> SiLU -> linear_2 (diffusers `TimestepEmbedding`)."""
+  features: int
+  dtype: Any
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, emb_BxF):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layers.dense(self.features, ('embed', 'mlp'), name='linear_1', **kw)(emb_BxF)
+    return layers.dense(self.features, ('mlp', 'embed'), name='linear_2', **kw)(nn.silu(h))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSettings:
+  """Settings shared by every block of one UNet (hashable, so it can be a module field)."""
+  num_groups: int
+  eps: float
+  dropout: float
+  head_dim: int
+  context_dim: int
+  downsample_padding: int
+  dtype: Any
+
+  def resnet(self, out_channels, name):
+    """A ResnetBlock with these settings."""
+    return ResnetBlock(out_channels, self.num_groups, self.eps, self.dropout, self.dtype,
+                       name=name)
+
+  def attention(self, name):
+    """A U-Net Attention block with these settings."""
+    return layers.Attention(head_dim=self.head_dim, num_groups=self.num_groups,
+                            epsilon=self.eps, context_dim=self.context_dim, dtype=self.dtype,
+                            name=name)
+
+
+class DownBlock(nn.Module):
+  """`DownBlock2D` / `AttnDownBlock2D`: resnets (+ attentions), then an optional downsampler.
+
+  Returns the output and the activations it contributes to the skip stack.
+  """
+  out_channels: int
+  num_layers: int
+  attention: bool
+  downsample: bool
+  s: BlockSettings
+
+  @nn.compact
+  def __call__(self, h, temb, context, train):
+    skips = []
+    for j in range(self.num_layers):
+      h = self.s.resnet(self.out_channels, f'resnets_{j}')(h, temb, train)
+      if self.attention:
+        h = self.s.attention(f'attentions_{j}')(h, context)
+      skips.append(h)
+    if self.downsample:
+      h = Downsample(self.out_channels, self.s.downsample_padding, self.s.dtype,
+                     name='downsamplers_0')(h)
+      skips.append(h)
+    return h, skips
+
+
+class UpBlock(nn.Module):
+  """`UpBlock2D` / `AttnUpBlock2D`: per layer concat a skip, resnet (+ attention); then upsample."""
+  out_channels: int
+  num_layers: int
+  attention: bool
+  upsample: bool
+  s: BlockSettings
+
+  @nn.compact
+  def __call__(self, h, skips, temb, context, train):
+    for j in range(self.num_layers):
+      h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
+      h = self.s.resnet(self.out_channels, f'resnets_{j}')(h, temb, train)
+      if self.attention:
+        h = self.s.attention(f'attentions_{j}')(h, context)
+    if self.upsample:
+      h = Upsample(self.out_channels, self.s.dtype, name='upsamplers_0')(h)
+    return h
+
+
+class MidBlock(nn.Module):
+  """`UNetMidBlock2D`: resnets_0, optional attentions_0, resnets_1."""
+  channels: int
+  attention: bool
+  s: BlockSettings
+
+  @nn.compact
+  def __call__(self, h, temb, context, train):
+    h = self.s.resnet(self.channels, 'resnets_0')(h, temb, train)
+    if self.attention:
+      h = self.s.attention('attentions_0')(h, context)
+    return self.s.resnet(self.channels, 'resnets_1')(h, temb, train)
+
+
+class UNet(nn.Module):
+  """Diffusers `UNet2DModel` (positional time embedding, optional class and text conditioning).
+
+  `attention_head_dim` is channels per head as in UNet2DModel (heads = C // it); 0 or None
+  means one head spanning all channels (the HF `null`). `downsample_padding` 1 = symmetric,
+  0 = TF-style (0, 1) as in the google/ddpm-* checkpoints. `num_classes` > 0 adds a
+  `class_embedding` table of num_classes + 1 rows; row `num_classes` is the null class used
+  when labels are omitted (classifier-free guidance). `context_dim` > 0 makes every attention
+  block also attend to `context_BxLxD` (joint self+cross, diffusers added-KV style).
+  Output is float32 whatever the compute `dtype`.
+  """
+  in_channels: int = 3
+  out_channels: int = 3
+  block_out_channels: tuple = (128, 256, 256, 256)
+  layers_per_block: int = 2
+  down_block_types: tuple = ('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D')
+  up_block_types: tuple = ('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D')
+  mid_block_attention: bool = True
+  attention_head_dim: int | None = 8
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
+  downsample_padding: int = 1
+  num_classes: int = 0
+  context_dim: int = 0
+  dtype: str = 'float32'
+
+  def _settings(self):
+    return BlockSettings(self.norm_num_groups, self.norm_eps, self.dropout,
+                         self.attention_head_dim or 0, self.context_dim,
+                         self.downsample_padding, layers.to_dtype(self.dtype))
+
+  def _embed(self, t_B, labels_B, batch):
+    """Time (+ class) embedding BxT."""
+    c0, dtype = self.block_out_channels[0], layers.to_dtype(self.dtype)
+    t_B = jnp.broadcast_to(jnp.asarray(t_B, jnp.float32), (batch,))
+    emb_BxC = layers.timestep_embedding(
+        t_B, c0, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+    temb_BxT = TimestepEmbedding(4 * c0, dtype, name='time_embedding')(emb_BxC)
+    if self.num_classes > 0:
+      if labels_B is None:
+        labels_B = jnp.full((batch,), self.num_classes, jnp.int32)
+      table = nn.Embed(
+          self.num_classes + 1, 4 * c0, dtype=dtype, param_dtype=jnp.float32,
+          embedding_init=nn.with_logical_partitioning(
+              nn.initializers.normal(1.0), (None, 'embed')),
+          name='class_embedding')
+      temb_BxT = temb_BxT + table(jnp.asarray(labels_B, jnp.int32))
+    elif labels_B is not None:
+      raise ValueError('labels_B given but model.num_classes=0; set model.num_classes > 0')
+    return nn.with_logical_constraint(temb_BxT, ('act_batch', 'act_emb'))
+
+  def _check_inputs(self, x_BxHxWxC, context_BxLxD):
+    check_config(_fields(self), resolution=None)
+    for axis, size in (('height', x_BxHxWxC.shape[1]), ('width', x_BxHxWxC.shape[2])):
+      _check_resolution(size, len(self.block_out_channels), f'input {axis}')
+    if x_BxHxWxC.shape[-1] != self.in_channels:
+      raise ValueError(
+          f'input has {x_BxHxWxC.shape[-1]} channels but model.in_channels={self.in_channels}')
+    if (context_BxLxD is not None) != (self.context_dim > 0):
+      raise ValueError(f'model.context_dim={self.context_dim}: pass context_BxLxD iff it is > 0 '
+                       f'(got {"None" if context_BxLxD is None else "a context"})')
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, t_B, *, labels_B=None, context_BxLxD=None, train=False):
+    """Predicts a BxHxWx`out_channels` float32 map from a noisy input and timesteps t_B.
+
+    t_B may be a scalar or a length-B vector, integer or continuous. Dropout draws from the
+    'dropout' rng only when `train` is True.
+    """
+    self._check_inputs(x_BxHxWxC, context_BxLxD)
+    s, levels = self._settings(), len(self.block_out_channels)
+    temb = self._embed(t_B, labels_B, x_BxHxWxC.shape[0])
+    h = nn.with_logical_constraint(x_BxHxWxC, IMAGE_AXES)
+    h = layers.conv(self.block_out_channels[0], 3, dtype=s.dtype,
+                    axes=(None, None, None, 'conv_out'), name='conv_in')(h)
+    skips = [h]
+    for i, (kind, ch) in enumerate(zip(self.down_block_types, self.block_out_channels)):
+      h, new_skips = DownBlock(ch, self.layers_per_block, kind == 'AttnDownBlock2D',
+                               i < levels - 1, s, name=f'down_blocks_{i}')(
+                                   h, temb, context_BxLxD, train)
+      skips += new_skips
+      h = nn.with_logical_constraint(h, ACT_AXES)
+    h = MidBlock(self.block_out_channels[-1], self.mid_block_attention, s, name='mid_block')(
+        h, temb, context_BxLxD, train)
+    for i, (kind, ch) in enumerate(zip(self.up_block_types, self.block_out_channels[::-1])):
+      h = UpBlock(ch, self.layers_per_block + 1, kind == 'AttnUpBlock2D', i < levels - 1, s,
+                  name=f'up_blocks_{i}')(h, skips, temb, context_BxLxD, train)
+      h = nn.with_logical_constraint(h, ACT_AXES)
+    h = nn.silu(layers.GroupNorm(self.norm_num_groups, self.norm_eps, s.dtype,
+                                 name='conv_norm_out')(h))
+    out = layers.conv(self.out_channels, 3, dtype=s.dtype, axes=(None, None, 'conv_in', None),
+                      name='conv_out')(h)
+    return nn.with_logical_constraint(out.astype(jnp.float32), IMAGE_AXES)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(UNet) if f.name not in ('parent', 'name'))
+
+
+def _fields(module: UNet) -> dict[str, Any]:
+  return {f: getattr(module, f) for f in FIELDS}
+
+
+def _check_resolution(size: int, num_levels: int, what: str = 'resolution'):
+  factor = 2 ** (num_levels - 1)
+  if size % factor:
+    raise ValueError(f'{what}={size} must be divisible by 2**(len(block_out_channels)-1)='
+                     f'{factor} for a {num_levels}-level UNet')
+
+
+def _check_choices(kw):
+  for key, allowed in (('down_block_types', DOWN_BLOCK_TYPES), ('up_block_types', UP_BLOCK_TYPES)):
+    bad = [b for b in kw[key] if b not in allowed]
+    if bad:
+      raise ValueError(f'model.{key} has unknown block types {bad}; allowed: {list(allowed)}')
+  if kw['dtype'] not in layers.DTYPES:
+    raise ValueError(f"model.dtype={kw['dtype']!r}; allowed: {sorted(layers.DTYPES)}")
+  if kw['downsample_padding'] not in (0, 1):
+    raise ValueError(f"model.downsample_padding={kw['downsample_padding']}; allowed: [0, 1]")
+
+
+def _check_widths(kw):
+  groups, head_dim = kw['norm_num_groups'], kw['attention_head_dim'] or 0
+  for ch in kw['block_out_channels']:
+    if groups <= 0 or ch % groups:
+      raise ValueError(f'model.block_out_channels entry {ch} is not divisible by '
+                       f"model.norm_num_groups={kw['norm_num_groups']}")
+  attn_channels = [ch for ch, b in zip(kw['block_out_channels'], kw['down_block_types'])
+                   if b.startswith('Attn')]
+  attn_channels += [ch for ch, b in zip(kw['block_out_channels'][::-1], kw['up_block_types'])
+                    if b.startswith('Attn')]
+  if kw['mid_block_attention']:
+    attn_channels.append(kw['block_out_channels'][-1])
+  for ch in attn_channels:
+    if head_dim < 0 or (head_dim and ch % head_dim):
+      raise ValueError(f'model.attention_head_dim={head_dim} must divide attention block '
+                       f'width {ch} (0 or None = one head)')
+
+
+def check_config(model_kwargs: dict[str, Any], resolution: int | None) -> None:
+  """Raises ValueError naming the offending `model.*` key for an invalid UNet configuration.
+
+  Unknown keys are rejected; missing keys take the UNet defaults. `resolution` (None to skip)
+  must be divisible by 2**(levels - 1).
+  """
+  unknown = sorted(set(model_kwargs) - set(FIELDS))
+  if unknown:
+    raise ValueError(f'unknown UNet config keys {unknown}; allowed: {list(FIELDS)}')
+  kw = {f: getattr(UNet, f) for f in FIELDS} | dict(model_kwargs)
+  levels = len(kw['block_out_channels'])
+  if levels < 1:
+    raise ValueError('model.block_out_channels must be non-empty')
+  for key in ('down_block_types', 'up_block_types'):
+    if len(kw[key]) != levels:
+      raise ValueError(f'model.{key} has {len(kw[key])} entries but model.block_out_channels '
+                       f'has {levels}; they must match')
+  _check_choices(kw)
+  _check_widths(kw)
+  for key, lo in (('layers_per_block', 1), ('in_channels', 1), ('out_channels', 1),
+                  ('num_classes', 0), ('context_dim', 0)):
+    if kw[key] < lo:
+      raise ValueError(f'model.{key}={kw[key]} must be >= {lo}')
+  if not 0.0 <= kw['dropout'] < 1.0:
+    raise ValueError(f"model.dropout={kw['dropout']} must be in [0, 1)")
+  if resolution is not None:
+    _check_resolution(resolution, levels)

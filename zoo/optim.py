@@ -1,0 +1,44 @@
+"""The optax chain from `config.optim`: schedule, clipping, weight decay; plus the params EMA."""
+
+import jax
+import optax
+
+
+def lr_schedule(optim_config, total_steps):
+  """Linear warmup, then constant / cosine / linear decay to `end_lr_factor * lr` at the end."""
+  cfg = optim_config
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup, 1)
+  end = cfg.lr * cfg.end_lr_factor
+  if cfg.schedule == 'constant':
+    after = optax.constant_schedule(cfg.lr)
+  elif cfg.schedule == 'cosine':
+    after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_factor)
+  elif cfg.schedule == 'linear':
+    after = optax.linear_schedule(cfg.lr, end, decay_steps)
+  else:
+    raise ValueError(f'config.optim.schedule={cfg.schedule!r}; allowed: constant, cosine, linear')
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
+
+
+def make(optim_config, total_steps):
+  """(optax transformation, schedule) for an experiment's `config.optim` and step count."""
+  cfg = optim_config
+  schedule = lr_schedule(cfg, total_steps)
+  if cfg.name == 'adamw':
+    core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  elif cfg.name == 'adam':
+    core = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  elif cfg.name == 'sgd':
+    core = optax.sgd(schedule, momentum=cfg.b1 or None)
+  else:
+    raise ValueError(f'config.optim.name={cfg.name!r}; allowed: adamw, adam, sgd')
+  parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
+  return optax.chain(*parts, core), schedule
+
+
+def ema_update(ema_params, params, decay):
+  """ema <- decay * ema + (1 - decay) * params, leaf by leaf in the params' dtype."""
+  return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema_params, params)

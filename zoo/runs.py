@@ -1,0 +1,77 @@
+"""A finished (or running) workdir as a user sees it: its config, its latest state, its outputs."""
+
+import os
+
+import jax
+import numpy as np
+
+import data as data_lib
+from zoo import checkpoint
+from zoo import config as zoo_config
+from zoo import evals
+from zoo import metrics
+from zoo import sharding
+from zoo import train
+
+
+def load(workdir, step=None):
+  """(config, setup, state) of the checkpoint at `step` (default latest) in `workdir`.
+
+  The state is laid out over this machine's devices (all on the data axis), whatever mesh
+  the run trained on.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir!r} a zoo workdir?')
+  with open(path) as f:
+    config = zoo_config.from_json(f.read())
+  config.mesh = zoo_config.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  if config.get('distributed', None) is not None:
+    config.distributed.coordinator_address = ''
+  zoo_config.validate(config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
+  spec = data_lib.get_dataset(config.data, split=config.data.train_split, seed=0,
+                              global_batch_size=config.train.batch_size).spec()
+  s = train.setup(config, spec)
+  state, _ = ckpt.restore(s.abstract_state, step)
+  ckpt.close()
+  return config, s, state
+
+
+def evaluate(workdir, step=None):
+  """Runs the run's evaluators on its checkpoint; writes `workdir/eval_metrics.jsonl`."""
+  config, s, state = load(workdir, step)
+  step = int(np.asarray(state['step']))
+  results = {}
+  for name, evaluator in evals.build(config, s.task, workdir).items():
+    results |= {f'{name}/{k}': v for k, v in evaluator.run(state, step).items()}
+  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                filename='eval_metrics.jsonl')
+  writer.write(step, results)
+  writer.close()
+  return results
+
+
+def sample(workdir, out, *, num=16, labels=None, sampler=None, steps=None,
+           guidance_scale=None, seed=0, use_ema=True, upscale=4):
+  """Generates `num` images (of `labels`, cycled) from a run and writes a PNG grid to `out`."""
+  config, s, state = load(workdir)
+  params = state['ema_params' if use_ema else 'params']
+  rng = jax.random.PRNGKey(seed)
+  kwargs = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale)
+  if config.model.get('num_classes', 0):
+    classes = labels if labels else list(range(config.model.num_classes))
+    label_ids = np.resize(np.asarray(classes, np.int32), num)
+    images = s.task.predict['sample'](params, rng, label_ids, **kwargs)
+    ncols = min(len(classes), num)  # One column per requested class.
+  else:
+    if labels:
+      raise ValueError('this model is unconditional: --label does not apply')
+    images = s.task.predict['sample'](params, rng, num=num, **kwargs)
+    ncols = None
+  images = sharding.host_gather(images)
+  if jax.process_index() == 0:
+    metrics.save_image_grid(images, out, ncols=ncols, upscale=upscale)
+  return images

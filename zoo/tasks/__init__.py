@@ -1,0 +1,23 @@
+"""The task registry: `config.task.name` -> the training objective the loop runs."""
+
+from zoo.tasks import diffusion
+
+TASKS = {
+    'diffusion': diffusion.DiffusionTask,
+}
+
+
+def _task_class(name):
+  if name not in TASKS:
+    raise ValueError(f'config.task.name={name!r} is not one of {sorted(TASKS)}')
+  return TASKS[name]
+
+
+def check_config(config):
+  """Validates `config.task` and `config.model` (the task knows which models it drives)."""
+  _task_class(config.task.get('name', None)).check_config(config)
+
+
+def build(config):
+  """The task object for an experiment: `init`, `loss` and named `predict` functions."""
+  return _task_class(config.task.name)(config)

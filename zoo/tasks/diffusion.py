@@ -1,0 +1,129 @@
+"""Denoising diffusion: the network predicts ε (or v, x0) of a fixed forward schedule.
+
+Class-conditional models learn the null class too: each label is replaced by it with
+probability `label_dropout`, so one network gives both terms of classifier-free guidance.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from zoo import config as zoo_config
+from zoo import diffusion
+from zoo import models
+
+SCHEMA = {
+    'name': str, 'schedule': str, 'num_timesteps': int, 'prediction_type': str,
+    'label_dropout': float, 'sampler': str, 'sample_steps': int, 'eta': float,
+    'guidance_scale': float, 'clip_x0': bool,
+}
+
+
+class DiffusionTask:
+  """`init`, `loss` and `predict['sample']` for a time-conditioned denoiser (U-Net)."""
+
+  @staticmethod
+  def check_config(config):
+    task = config.task
+    zoo_config.check_keys(task, 'task', SCHEMA)
+    zoo_config.check_choice(task.schedule, diffusion.SCHEDULES, 'config.task.schedule')
+    zoo_config.check_choice(task.prediction_type, diffusion.PREDICTION_TYPES,
+                            'config.task.prediction_type')
+    zoo_config.check_choice(task.sampler, diffusion.SAMPLERS, 'config.task.sampler')
+    if task.num_timesteps < 1 or not 1 <= task.sample_steps <= task.num_timesteps:
+      raise ValueError(f'config.task.sample_steps={task.sample_steps} must lie in '
+                       f'[1, num_timesteps={task.num_timesteps}]')
+    if not 0.0 <= task.label_dropout < 1.0:
+      raise ValueError(f'config.task.label_dropout={task.label_dropout} must lie in [0, 1)')
+    models.check_config(config.model, config.data.resolution)
+    if config.model.num_classes and not config.data.label_key:
+      raise ValueError('config.model.num_classes > 0 needs labels: set config.data.label_key')
+
+  def __init__(self, config):
+    self.model = models.build(config.model)
+    self.cfg = config.task
+    self.num_classes = config.model.num_classes
+    self.image_shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
+    self.schedule = diffusion.Schedule.create(self.cfg.schedule, self.cfg.num_timesteps)
+    self.predict = {'sample': self.sample}
+
+  def init(self, rng, batch):
+    """Boxed (logically partitioned) params for a batch of this shape."""
+    x = batch['image']
+    if x.shape[1:] != self.image_shape:
+      raise ValueError(f'data images are {x.shape[1:]} but the model expects {self.image_shape} '
+                       '(config.data.resolution, config.model.in_channels)')
+    t = jnp.zeros(x.shape[:1], jnp.int32)
+    return self.model.init({'params': rng}, x, t, labels_B=self._labels(batch))['params']
+
+  def _labels(self, batch):
+    return batch['label'] if self.num_classes else None
+
+  def loss(self, params, batch, rng, train=True):
+    """Mean denoising loss over the batch at uniformly drawn timesteps."""
+    x0 = batch['image']
+    rng_t, rng_noise, rng_drop, rng_dropout = jax.random.split(rng, 4)
+    t = jax.random.randint(rng_t, x0.shape[:1], 0, self.cfg.num_timesteps)
+    noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
+    x_t = diffusion.q_sample(self.schedule, x0, t, noise)
+    labels = self._labels(batch)
+    if labels is not None and train and self.cfg.label_dropout > 0:
+      drop = jax.random.bernoulli(rng_drop, self.cfg.label_dropout, labels.shape)
+      labels = jnp.where(drop, self.num_classes, labels)
+    pred = self.model.apply({'params': params}, x_t, t, labels_B=labels, train=train,
+                            rngs={'dropout': rng_dropout})
+    per_example = diffusion.loss(self.cfg.prediction_type, self.schedule,
+                                 pred.astype(jnp.float32), x0, noise, t)
+    loss = per_example.mean()
+    return loss, {'loss': loss}
+
+  def sample(self, params, rng, labels_B=None, *, num=None, sampler=None, steps=None,
+             guidance_scale=None, eta=None):
+    """Images in [0, 1] (BxHxWxC); `labels_B` for class-conditional models, else `num` images.
+
+    Unset sampler settings come from `config.task`; guidance needs a class-conditional model.
+    """
+    cfg = self.cfg
+    if self.num_classes:
+      if labels_B is None:
+        raise ValueError('this model is class-conditional: pass labels')
+      labels_B = jnp.asarray(labels_B, jnp.int32)
+      if int(jnp.max(labels_B)) > self.num_classes or int(jnp.min(labels_B)) < 0:
+        raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = null)')
+      num = labels_B.shape[0]
+    elif num is None:
+      raise ValueError('this model is unconditional: pass num')
+    sampler = sampler or cfg.sampler
+    zoo_config.check_choice(sampler, diffusion.SAMPLERS, 'sampler')
+    steps = steps or cfg.sample_steps
+    if not 1 <= steps <= cfg.num_timesteps:
+      raise ValueError(f'steps={steps} must lie in [1, {cfg.num_timesteps}]')
+    scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+    return _sample(self, params, rng, labels_B, num=num, sampler=sampler, steps=steps,
+                   guidance_scale=float(scale), eta=cfg.eta if eta is None else eta)
+
+  def denoiser(self, params, labels_B, guidance_scale):
+    """model_fn(x_t, t_B) -> prediction, with classifier-free guidance for labelled models."""
+    def pred_fn(x, t, labels):
+      return self.model.apply({'params': params}, x, t, labels_B=labels).astype(jnp.float32)
+    if labels_B is None:
+      return lambda x, t: pred_fn(x, t, None)
+    if guidance_scale == 1.0:
+      return lambda x, t: pred_fn(x, t, labels_B)
+    null = jnp.full_like(labels_B, self.num_classes)
+    return diffusion.classifier_free_guidance(pred_fn, labels_B, null, guidance_scale)
+
+  # Tasks are static arguments of jitted functions: identity hashing is what we want.
+  __hash__ = object.__hash__
+
+
+@functools.partial(jax.jit, static_argnames=('task', 'num', 'sampler', 'steps', 'guidance_scale'))
+def _sample(task, params, rng, labels_B, *, num, sampler, steps, guidance_scale, eta):
+  rng_init, rng_loop = jax.random.split(rng)
+  x_T = jax.random.normal(rng_init, (num, *task.image_shape), jnp.float32)
+  model_fn = task.denoiser(params, labels_B, guidance_scale)
+  x0 = diffusion.sample(model_fn, task.schedule, x_T, rng_loop, sampler=sampler, steps=steps,
+                        eta=eta, prediction_type=task.cfg.prediction_type,
+                        clip_x0=task.cfg.clip_x0)
+  return (jnp.clip(x0, -1.0, 1.0) + 1.0) / 2.0
