@@ -119,8 +119,10 @@ def _free_port():
 
 
 def test_two_processes_match_one(tmp_path):
+  # SGD for the params comparison: see tests/test_train.py::test_sharded_equals_single_device.
   args = ['train', '--config', 'experiments/quickstart.py:smoke=True,steps=6', *QUIET,
-          '--config.train.checkpoint_every=3', '--config.evals={}']
+          '--config.train.checkpoint_every=3', '--config.evals={}', '--config.optim.name=sgd',
+          '--config.optim.lr=0.05']
   env = dict(os.environ, XLA_FLAGS=_device_flags(2))
   zoo(*args, '--workdir', str(tmp_path / 'one'), env=dict(env, XLA_FLAGS=_device_flags(4)))
   port = _free_port()

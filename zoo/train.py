@@ -51,8 +51,8 @@ def train_step(state, batch, rng, *, loss_fn, tx, schedule, grad_accum, ema_deca
       'opt_state': opt_state,
       'ema_params': optim.ema_update(state['ema_params'], params, ema_decay),
   }
-  metrics = {**aux, 'loss': loss, 'grad_norm': optax.global_norm(grads),
-             'param_norm': optax.global_norm(params), 'lr': schedule(state['step'])}
+  metrics = {**aux, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
+             'param_norm': optax.tree.norm(params), 'lr': schedule(state['step'])}
   return new_state, metrics
 
 

@@ -5,6 +5,16 @@ from zoo.diffusion.samplers import SAMPLERS, classifier_free_guidance, sample, t
 from zoo.diffusion.schedules import SCHEDULES, Schedule, make_betas
 
 __all__ = [
-    "PREDICTION_TYPES", "SAMPLERS", "SCHEDULES", "Schedule", "classifier_free_guidance",
-    "loss", "make_betas", "q_sample", "sample", "target", "timesteps_for", "to_eps_and_x0",
+  'PREDICTION_TYPES',
+  'SAMPLERS',
+  'SCHEDULES',
+  'Schedule',
+  'classifier_free_guidance',
+  'loss',
+  'make_betas',
+  'q_sample',
+  'sample',
+  'target',
+  'timesteps_for',
+  'to_eps_and_x0',
 ]

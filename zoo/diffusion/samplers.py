@@ -10,107 +10,121 @@ import numpy as np
 
 from zoo.diffusion import objectives
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ('ddpm', 'ddim')
 
 
 def timesteps_for(num_timesteps, steps):
-    """Returns `steps` ascending, distinct timesteps (int32 numpy) evenly spread over [0, T).
+  """Returns `steps` ascending, distinct timesteps (int32 numpy) evenly spread over [0, T).
 
-    iDDPM-style respacing: round(linspace(0, T-1, S)), so steps == T is exactly the full
-    chain and every S >= 2 starts sampling at t = T-1. S == 1 uses [T-1], the noisiest
-    step, since a single step must start from noise.
-    """
-    if int(steps) != steps or not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps={steps!r} must be an integer in [1, {num_timesteps}].")
-    if steps == 1:
-        return np.array([num_timesteps - 1], np.int32)
-    # Spacing >= 1 before rounding, so rounding cannot merge two timesteps.
-    return np.round(np.linspace(0, num_timesteps - 1, int(steps))).astype(np.int32)
+  iDDPM-style respacing: round(linspace(0, T-1, S)), so steps == T is exactly the full
+  chain and every S >= 2 starts sampling at t = T-1. S == 1 uses [T-1], the noisiest
+  step, since a single step must start from noise.
+  """
+  if int(steps) != steps or not 1 <= steps <= num_timesteps:
+    raise ValueError(f'steps={steps!r} must be an integer in [1, {num_timesteps}].')
+  if steps == 1:
+    return np.array([num_timesteps - 1], np.int32)
+  # Spacing >= 1 before rounding, so rounding cannot merge two timesteps.
+  return np.round(np.linspace(0, num_timesteps - 1, int(steps))).astype(np.int32)
 
 
 def _validate(sampler, prediction_type):
-    if sampler not in SAMPLERS:
-        raise ValueError(f"Unknown sampler={sampler!r}; allowed: {SAMPLERS}.")
-    objectives.check_prediction_type(prediction_type)
+  if sampler not in SAMPLERS:
+    raise ValueError(f'Unknown sampler={sampler!r}; allowed: {SAMPLERS}.')
+  objectives.check_prediction_type(prediction_type)
 
 
 def _ddim_step(x, x0, eps, ab_t, ab_prev, eta, z):
-    """Song et al. (2021) eq. 12; η = 1 reproduces the DDPM posterior variance."""
-    del x
-    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
-    # max(., 0) guards float32 rounding when η = 1 makes the direction term vanish.
-    dir_coef = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0))
-    return jnp.sqrt(ab_prev) * x0 + dir_coef * eps + sigma * z
+  """Song et al. (2021) eq. 12; η = 1 reproduces the DDPM posterior variance."""
+  del x
+  sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+  # max(., 0) guards float32 rounding when η = 1 makes the direction term vanish.
+  dir_coef = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0))
+  return jnp.sqrt(ab_prev) * x0 + dir_coef * eps + sigma * z
 
 
 def _ddpm_step(x, x0, eps, ab_t, ab_prev, eta, z):
-    """Ancestral step from the posterior q(x_prev | x_t, x0) of the respaced chain.
+  """Ancestral step from the posterior q(x_prev | x_t, x0) of the respaced chain.
 
-    β' = 1 - ᾱ_t/ᾱ_prev; variance is the "fixed small" β̃ = β'(1 - ᾱ_prev)/(1 - ᾱ_t),
-    which is 0 on the last step (ᾱ_prev = 1), so that step returns x0.
-    """
-    del eps, eta
-    beta = 1 - ab_t / ab_prev
-    mean = (jnp.sqrt(ab_prev) * beta * x0 + jnp.sqrt(1 - beta) * (1 - ab_prev) * x) / (1 - ab_t)
-    return mean + jnp.sqrt(beta * (1 - ab_prev) / (1 - ab_t)) * z
+  β' = 1 - ᾱ_t/ᾱ_prev; variance is the "fixed small" β̃ = β'(1 - ᾱ_prev)/(1 - ᾱ_t),
+  which is 0 on the last step (ᾱ_prev = 1), so that step returns x0.
+  """
+  del eps, eta
+  beta = 1 - ab_t / ab_prev
+  mean = (jnp.sqrt(ab_prev) * beta * x0 + jnp.sqrt(1 - beta) * (1 - ab_prev) * x) / (1 - ab_t)
+  return mean + jnp.sqrt(beta * (1 - ab_prev) / (1 - ab_t)) * z
 
 
 def _stochastic(sampler, eta):
-    # A literal η = 0 lets DDIM skip drawing noise; a traced η always draws it.
-    return sampler == "ddpm" or not (isinstance(eta, (int, float)) and eta == 0)
+  # A literal η = 0 lets DDIM skip drawing noise; a traced η always draws it.
+  return sampler == 'ddpm' or not (isinstance(eta, (int, float)) and eta == 0)
 
 
-def sample(model_fn, sched, x_T, rng, *, sampler="ddim", steps=50, eta=0.0,
-           prediction_type="epsilon", clip_x0=True):
-    """Runs the reverse chain from x_T to x_0 in one `lax.scan` over the respaced timesteps.
+def sample(
+  model_fn,
+  sched,
+  x_T,
+  rng,
+  *,
+  sampler='ddim',
+  steps=50,
+  eta=0.0,
+  prediction_type='epsilon',
+  clip_x0=True,
+):
+  """Runs the reverse chain from x_T to x_0 in one `lax.scan` over the respaced timesteps.
 
-    Jittable with `model_fn`, `sampler`, `steps`, `prediction_type` and `clip_x0` static;
-    T comes from the schedule's array shape. `eta` applies to DDIM only. The last step
-    uses ᾱ_prev = 1, so it lands on the predicted x0. With `clip_x0`, the predicted x0 is
-    clipped to [-1, 1] and ε is recomputed from it (as in ADM) so both stay consistent.
-    Step i draws its noise from fold_in(rng, i): keys do not depend on `steps`.
-    """
-    _validate(sampler, prediction_type)
-    ts = timesteps_for(sched.num_timesteps, steps)[::-1]
-    prev_ts = np.append(ts[1:], -1)
-    ab_S = sched.alphas_cumprod[ts]
-    ab_prev_S = jnp.where(prev_ts >= 0, sched.alphas_cumprod[np.maximum(prev_ts, 0)], 1.0)
-    step_fn = _ddpm_step if sampler == "ddpm" else _ddim_step
-    noisy = _stochastic(sampler, eta)
-    x_T = jnp.asarray(x_T, jnp.float32)
-    t_B = jnp.zeros((x_T.shape[0],), jnp.int32)
+  Jittable with `model_fn`, `sampler`, `steps`, `prediction_type` and `clip_x0` static;
+  T comes from the schedule's array shape. `eta` applies to DDIM only. The last step
+  uses ᾱ_prev = 1, so it lands on the predicted x0. With `clip_x0`, the predicted x0 is
+  clipped to [-1, 1] and ε is recomputed from it (as in ADM) so both stay consistent.
+  Step i draws its noise from fold_in(rng, i): keys do not depend on `steps`.
+  """
+  _validate(sampler, prediction_type)
+  ts = timesteps_for(sched.num_timesteps, steps)[::-1]
+  prev_ts = np.append(ts[1:], -1)
+  ab_S = sched.alphas_cumprod[ts]
+  ab_prev_S = jnp.where(prev_ts >= 0, sched.alphas_cumprod[np.maximum(prev_ts, 0)], 1.0)
+  step_fn = _ddpm_step if sampler == 'ddpm' else _ddim_step
+  noisy = _stochastic(sampler, eta)
+  x_T = jnp.asarray(x_T, jnp.float32)
+  t_B = jnp.zeros((x_T.shape[0],), jnp.int32)
 
-    def body(x, inputs):
-        i, t, ab_t, ab_prev = inputs
-        pred = model_fn(x, t_B + t).astype(jnp.float32)
-        eps, x0 = objectives.to_eps_and_x0(prediction_type, sched, x, t_B + t, pred)
-        if clip_x0:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-            eps = (x - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
-        z = (jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
-             if noisy else jnp.zeros_like(x))
-        return step_fn(x, x0, eps, ab_t, ab_prev, eta, z), None
+  def body(x, inputs):
+    i, t, ab_t, ab_prev = inputs
+    pred = model_fn(x, t_B + t).astype(jnp.float32)
+    eps, x0 = objectives.to_eps_and_x0(prediction_type, sched, x, t_B + t, pred)
+    if clip_x0:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+      eps = (x - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
+    z = (
+      jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+      if noisy
+      else jnp.zeros_like(x)
+    )
+    return step_fn(x, x0, eps, ab_t, ab_prev, eta, z), None
 
-    inputs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), ab_S, ab_prev_S)
-    x_0, _ = jax.lax.scan(body, x_T, inputs)
-    return x_0
+  inputs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), ab_S, ab_prev_S)
+  x_0, _ = jax.lax.scan(body, x_T, inputs)
+  return x_0
 
 
 def classifier_free_guidance(pred_fn, cond, uncond, scale):
-    """Wraps a conditional `pred_fn(x, t_B, c)` into a guided `model_fn(x_t, t_B)`.
+  """Wraps a conditional `pred_fn(x, t_B, c)` into a guided `model_fn(x_t, t_B)`.
 
-    `cond` and `uncond` are pytrees with leading batch dim B (e.g. labels, or the
-    null-label / empty-prompt embedding). pred_fn runs once on the 2B batch [uncond; cond]
-    and the result is uncond + scale·(cond - uncond) (diffusers convention): scale 1 is
-    the conditional prediction alone, scale 0 the unconditional one. Guidance is applied to
-    the prediction in whatever parameterisation the model predicts (ε, v or x0).
-    """
-    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
+  `cond` and `uncond` are pytrees with leading batch dim B (e.g. labels, or the
+  null-label / empty-prompt embedding). pred_fn runs once on the 2B batch [uncond; cond]
+  and the result is uncond + scale·(cond - uncond) (diffusers convention): scale 1 is
+  the conditional prediction alone, scale 0 the unconditional one. Guidance is applied to
+  the prediction in whatever parameterisation the model predicts (ε, v or x0).
+  """
+  both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
 
-    def model_fn(x_t, t_B):
-        pred_2B = pred_fn(jnp.concatenate([x_t, x_t], axis=0),
-                          jnp.concatenate([t_B, t_B], axis=0), both)
-        uncond_pred, cond_pred = jnp.split(pred_2B, 2, axis=0)
-        return uncond_pred + scale * (cond_pred - uncond_pred)
+  def model_fn(x_t, t_B):
+    pred_2B = pred_fn(
+      jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([t_B, t_B], axis=0), both
+    )
+    uncond_pred, cond_pred = jnp.split(pred_2B, 2, axis=0)
+    return uncond_pred + scale * (cond_pred - uncond_pred)
 
-    return model_fn
+  return model_fn
