@@ -12,6 +12,8 @@ repeat=True every epoch is a fresh permutation and batches run across epoch boun
 
 Datasets come from `BUILTINS` (built offline into data_dir on first use) or are named
 `tfds:<name>[/<config>]` and must already be prepared in data_dir as array_record.
+`data.features` names extra features to emit beside image and label (masks, depth, ...;
+see `extra_features`), each as a fixed-shape array.
 """
 
 from concurrent import futures
@@ -24,9 +26,11 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from data import extra_features
 from data.digits import digits_dataset_builder
+from data.shapes import shapes_dataset_builder
 
-BUILTINS = {'digits': digits_dataset_builder.Builder}
+BUILTINS = {'digits': digits_dataset_builder.Builder, 'shapes': shapes_dataset_builder.Builder}
 TFDS_PREFIX = 'tfds:'
 DATA_DIR_ENV = 'ZOO_DATA_DIR'
 DEFAULT_DATA_DIR = '~/.cache/zoo/tensorflow_datasets'
@@ -97,6 +101,21 @@ def check_config(data_cfg) -> None:
   for key in ('image_key', 'train_split', 'eval_split'):
     if not data_cfg[key]:
       raise ValueError(f'data.{key} must be non-empty.')
+  extra_features.check_names(data_cfg.features, data_cfg.image_key, data_cfg.label_key)
+  if name in BUILTINS and data_cfg.features:
+    # Instantiating a builder reads no data and writes nothing; it only describes features.
+    builder = BUILTINS[name](data_dir=resolve_data_dir(data_cfg.data_dir),
+                             config=_builtin_config(data_cfg) or None)
+    extra_features.plan(builder.info.features, data_cfg.features, image_key=data_cfg.image_key,
+                        resolution=data_cfg.resolution, dataset=name)
+
+
+def _builtin_config(data_cfg) -> str:
+  """The builder config a builtin reads: data.builder_config, else res<resolution> if it exists."""
+  config = data_cfg.builder_config
+  if not config and f'res{data_cfg.resolution}' in _config_names(BUILTINS[data_cfg.name]):
+    config = f'res{data_cfg.resolution}'
+  return config
 
 
 def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
@@ -108,9 +127,7 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
   check_config(data_cfg)
   name, config = data_cfg.name, data_cfg.builder_config
   if name in BUILTINS:
-    if not config and f'res{data_cfg.resolution}' in _config_names(BUILTINS[name]):
-      config = f'res{data_cfg.resolution}'
-    return prepare_builtin(name, data_cfg.data_dir, config)
+    return prepare_builtin(name, data_cfg.data_dir, _builtin_config(data_cfg))
   spec = name[len(TFDS_PREFIX):]
   if config and '/' not in spec:
     spec = f'{spec}/{config}'
@@ -158,8 +175,9 @@ def resize_square(img_HxWxC: np.ndarray, resolution: int) -> np.ndarray:
   return np.stack(channels, axis=-1)
 
 
-def preprocess(example: dict[str, Any], *, image_key: str, label_key: str, resolution: int) -> dict[str, np.ndarray]:
-  """Maps a decoded uint8 example to {'image': RxRxC float32 in [-1, 1], 'label': int32}."""
+def preprocess(example: dict[str, Any], *, image_key: str, label_key: str, resolution: int,
+               extras: tuple[extra_features.Extra, ...] = ()) -> dict[str, np.ndarray]:
+  """Maps a decoded uint8 example to {'image': RxRxC float32 in [-1, 1], 'label': int32, *extras}."""
   img = np.asarray(example[image_key])
   if img.dtype != np.uint8:
     raise ValueError(f'data.image_key={image_key!r} has dtype {img.dtype}; only uint8 images are supported.')
@@ -169,6 +187,8 @@ def preprocess(example: dict[str, Any], *, image_key: str, label_key: str, resol
   out = {'image': img_RxRxC * np.float32(1 / 127.5) - np.float32(1.0)}
   if label_key:
     out['label'] = np.int32(example[label_key])
+  for extra in extras:
+    out[extra.name] = extra_features.extract(example, extra)
   return out
 
 
@@ -267,6 +287,9 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
   _check_feature(builder, data_cfg.image_key, 'image_key')
   if data_cfg.label_key:
     _check_feature(builder, data_cfg.label_key, 'label_key')
+  extras = tuple(extra_features.plan(
+      builder.info.features, data_cfg.features, image_key=data_cfg.image_key,
+      resolution=data_cfg.resolution, dataset=builder.info.full_name))
   image_shape = builder.info.features[data_cfg.image_key].shape
   channels = image_shape[-1] if len(image_shape) == 3 else 1
   source = _Source(builder, split)
@@ -285,10 +308,12 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
       raise ValueError(f'{split!r} of {data_cfg.name!r} has {n} examples, fewer than global_batch_size={global_batch_size}.')
   ds = ds[process_index::process_count].map(functools.partial(
       _read_batch, source=source, image_key=data_cfg.image_key,
-      label_key=data_cfg.label_key, resolution=data_cfg.resolution))
+      label_key=data_cfg.label_key, resolution=data_cfg.resolution, extras=extras))
 
   r = data_cfg.resolution
   spec = {'image': ((local, r, r, channels), np.dtype(np.float32))}
   if data_cfg.label_key:
     spec['label'] = ((local,), np.dtype(np.int32))
+  for extra in extras:
+    spec[extra.name] = ((local, *extra.shape), extra.dtype)
   return Batches(ds, spec, num_batches, prefetch)

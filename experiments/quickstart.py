@@ -1,8 +1,8 @@
 r"""Class-conditional pixel-space diffusion on scikit-learn's handwritten digits (16x16).
 
-A ~2M-parameter U-Net predicts the noise of a cosine schedule; labels are dropped 10% of the
-time so classifier-free guidance works at sampling time. Ends with a PNG grid, one row per
-requested class, in WORKDIR/samples/.
+A 2.5M-parameter U-Net predicts the noise of a cosine schedule; labels are dropped 10% of the
+time so classifier-free guidance works at sampling time. 900 steps at batch 32 take about
+7 minutes on 2 CPU cores and end with a PNG grid, one row per class, in WORKDIR/samples/.
 
   zoo train --config experiments/quickstart.py --workdir workdirs/quickstart
   zoo train --config experiments/quickstart.py:smoke=True --workdir /tmp/qs_smoke
@@ -24,7 +24,7 @@ def get_config(arg=None):
 
   config.data = ConfigDict(dict(
       name='digits', data_dir=None, resolution=arg.res, image_key='image', label_key='label',
-      builder_config='', train_split='train', eval_split='test'))
+      builder_config='', train_split='train', eval_split='test', features=()))
 
   config.model = models.config('unet', preset='tiny' if arg.smoke else 'digits',
                                in_channels=1, out_channels=1, num_classes=10)
@@ -34,9 +34,10 @@ def get_config(arg=None):
       label_dropout=0.1, sampler='ddim', sample_steps=50, eta=0.0, guidance_scale=2.0,
       clip_x0=True))
 
+  # eval_every=0: the evaluators run once, at the end.
   config.train = ConfigDict(dict(
-      steps=arg.steps or (20 if arg.smoke else 3000), batch_size=8 if arg.smoke else 64,
-      grad_accum=1, log_every=5 if arg.smoke else 50, checkpoint_every=10 if arg.smoke else 500,
+      steps=arg.steps or (20 if arg.smoke else 900), batch_size=8 if arg.smoke else 32,
+      grad_accum=1, log_every=5 if arg.smoke else 50, checkpoint_every=10 if arg.smoke else 300,
       eval_every=0, max_to_keep=2, async_checkpointing=True, progress_bar=not arg.smoke))
 
   config.optim = ConfigDict(dict(

@@ -103,6 +103,8 @@ def test_kill_9_then_same_command_resumes_to_identical_params(tmp_path):
   zoo(*args, '--workdir', str(tmp_path / 'killed'))
   rows = metrics.read_jsonl(tmp_path / 'killed' / 'metrics.jsonl')
   assert rows[-1]['step'] == 40
+  kept = sorted(int(p.name) for p in ckpt_dir.glob('*') if p.name.isdigit())
+  assert kept == [35, 40]  # max_to_keep=2
   for a, b in zip(final_params(tmp_path / 'whole'), final_params(tmp_path / 'killed')):
     np.testing.assert_array_equal(a, b)
 

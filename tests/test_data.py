@@ -53,7 +53,8 @@ def _cfg(name='digits', data_dir=None, resolution=16, label_key='label', builder
          image_key='image'):
   return ml_collections.ConfigDict(dict(
       name=name, data_dir=data_dir, resolution=resolution, image_key=image_key,
-      label_key=label_key, builder_config=builder_config, train_split='train', eval_split='test'))
+      label_key=label_key, builder_config=builder_config, train_split='train', eval_split='test',
+      features=()))
 
 
 @pytest.fixture(scope='session')

@@ -192,9 +192,12 @@ def test_init_from_loads_another_runs_params(tmp_path):
   assert_trees(source, jax.device_get(state['params']))
 
 
-def test_workdir_has_config_json(tmp_path):
-  config = smoke_config('--config.train.steps=1', '--config.evals={}', '--config.mesh.data=1')
-  train.train_and_evaluate(config, str(tmp_path))
+def test_bfloat16_compute_keeps_float32_params_and_writes_config_json(tmp_path):
+  config = smoke_config('--config.train.steps=2', '--config.evals={}', '--config.mesh.data=1',
+                        '--config.model.dtype=bfloat16', '--config.train.log_every=1')
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert {x.dtype for x in jax.tree.leaves(state['params'])} == {np.dtype('float32')}
+  assert all(np.isfinite(loss) for loss in _losses(tmp_path))
   with open(tmp_path / 'config.json') as f:
     saved = json.load(f)
-  assert saved['train']['steps'] == 1 and saved['model']['name'] == 'unet'
+  assert saved['train']['steps'] == 2 and saved['model']['dtype'] == 'bfloat16'

@@ -41,6 +41,7 @@ _SECTIONS = {
     'data': {
         'name': str, 'data_dir': (str, type(None)), 'resolution': int, 'image_key': str,
         'label_key': str, 'builder_config': str, 'train_split': str, 'eval_split': str,
+        'features': tuple,
     },
 }
 OPTIMIZERS = ('adamw', 'adam', 'sgd')

@@ -38,7 +38,9 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   overrides = [a for a in argv if a.startswith('--config.')]
   args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  # Our own progress at INFO; the libraries' (Orbax, absl) only when something is wrong.
+  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s: %(message)s')
+  logging.getLogger('zoo').setLevel(logging.INFO)
   if overrides and args.command != 'train':
     raise SystemExit('--config.* overrides apply to `zoo train` only')
   # Imported after parsing: `zoo --help` should not wait for JAX.

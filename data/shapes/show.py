@@ -1,0 +1,94 @@
+"""Writes a PNG grid of shapes examples beside their maps and captions.
+
+  python -m data.shapes.show --out /tmp/shapes_grid.png [--resolution 64] [--split train] [--num 8]
+
+Each row: image | semantic mask | instance mask | depth (near = bright) | skeleton | the
+first caption and the first question with its answer. Examples come straight from the
+generator (the same content a build stores), so nothing needs to be built first.
+"""
+
+import argparse
+import colorsys
+import textwrap
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+
+from data.shapes import generate
+from data.shapes import grammar
+from data.shapes import pose
+
+_TEXT_WIDTH = 420
+_HEADERS = ('image', 'semantic', 'instance', 'depth', 'skeleton')
+
+
+def _categorical(n: int) -> np.ndarray:
+  """(n+1)x3 uint8: black for 0, then n well-spread hues."""
+  hues = [colorsys.hsv_to_rgb((0.61803 * k) % 1.0, 0.75, 0.95) for k in range(n)]
+  return np.concatenate([[[0, 0, 0]], np.round(np.array(hues) * 255)]).astype(np.uint8)
+
+
+def panels(example: dict) -> list[np.ndarray]:
+  """The image and its maps as uint8 RxRx3 pictures."""
+  depth = 255 - example['depth']
+  return [
+      example['image'],
+      _categorical(len(grammar.SEMANTIC_CLASSES))[example['semantic_mask']],
+      _categorical(grammar.PERSON_INSTANCE)[example['instance_mask']],
+      np.repeat(depth[..., None], 3, axis=-1),
+      _categorical(len(pose.LIMBS))[example['skeleton']],
+  ]
+
+
+def _text_panel(example: dict, height: int, font) -> PIL.Image.Image:
+  panel = PIL.Image.new('RGB', (_TEXT_WIDTH, height), (255, 255, 255))
+  draw = PIL.ImageDraw.Draw(panel)
+  lines = textwrap.wrap(example['captions'][0], 56)
+  if example['questions']:
+    lines += textwrap.wrap(f'Q: {example["questions"][0]}  A: {example["answers"][0]}', 56)
+  for i, line in enumerate(lines):
+    draw.text((6, 6 + 14 * i), line, fill=(0, 0, 0), font=font)
+  return panel
+
+
+def grid(examples: list[dict], cell: int = 128) -> PIL.Image.Image:
+  """One row per example: five upscaled panels and a text panel, under a header row."""
+  font = PIL.ImageFont.load_default()
+  header = 18
+  out = PIL.Image.new('RGB', (5 * cell + _TEXT_WIDTH, header + cell * len(examples)), (255, 255, 255))
+  draw = PIL.ImageDraw.Draw(out)
+  for k, name in enumerate(_HEADERS + ('first caption, first question',)):
+    draw.text((k * cell + 4, 3), name, fill=(0, 0, 0), font=font)
+  for row, example in enumerate(examples):
+    y = header + row * cell
+    for k, picture in enumerate(panels(example)):
+      out.paste(PIL.Image.fromarray(picture).resize((cell, cell), PIL.Image.Resampling.NEAREST), (k * cell, y))
+    out.paste(_text_panel(example, cell, font), (5 * cell, y))
+  return out
+
+
+def main(argv=None) -> None:
+  """CLI entry point."""
+  parser = argparse.ArgumentParser(prog='python -m data.shapes.show', description=__doc__.splitlines()[0])
+  parser.add_argument('--out', required=True, help='PNG path to write')
+  parser.add_argument('--resolution', type=int, default=64)
+  parser.add_argument('--split', default='train', choices=generate.SPLITS)
+  parser.add_argument('--num', type=int, default=8)
+  parser.add_argument('--start', type=int, default=0, help='index of the first example')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--cell', type=int, default=128, help='panel size in pixels')
+  args = parser.parse_args(argv)
+  try:
+    spec = generate.GenSpec(resolution=args.resolution, seed=args.seed,
+                            sizes=(args.start + args.num,) * len(generate.SPLITS))
+  except ValueError as e:
+    parser.error(str(e))
+  examples = [generate.make_example(spec, args.split, args.start + i) for i in range(args.num)]
+  grid(examples, args.cell).save(args.out)
+  print(args.out)
+
+
+if __name__ == '__main__':
+  main()
