@@ -1,5 +1,7 @@
 """Builds a builtin dataset offline: `python -m data.build digits [--data_dir D] [--config res16]`.
 
+For example `python -m data.build shapes --config res64` (the procedural shapes dataset).
+
 The `tfds build` CLI imports TensorFlow at start-up, which zoo does not install; this is
 the supported way to prepare builtins ahead of a run (the pipeline also builds them on
 first use). Without --config every config of the dataset is built.

@@ -26,7 +26,10 @@ _TEXT_HINT = 'a tokenizer-based task will add them'
 
 @dataclasses.dataclass(frozen=True)
 class Extra:
-  """How one extra feature is emitted: kind ('label_map', 'continuous_map', 'tensor'), shape, dtype."""
+  """How one extra feature is emitted: kind, per-example shape and dtype.
+
+  kind: 'label_map', 'continuous_map' or 'tensor'.
+  """
 
   name: str
   kind: str
@@ -35,7 +38,7 @@ class Extra:
 
 
 def check_names(names, image_key: str, label_key: str) -> None:
-  """Raises ValueError unless `names` is a tuple (or list) of distinct names other than image/label."""
+  """Raises ValueError unless `names` is a tuple (or list) of distinct non-image/label names."""
   if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) and n for n in names):
     raise ValueError(f'data.features={names!r} must be a tuple of feature names, e.g. '
                      "('semantic_mask', 'depth'); () for none.")
@@ -43,7 +46,8 @@ def check_names(names, image_key: str, label_key: str) -> None:
     raise ValueError(f'data.features={names!r} names a feature twice.')
   for key, value in (('image_key', image_key), ('label_key', label_key)):
     if value and value in names:
-      raise ValueError(f'data.features={names!r} repeats data.{key}={value!r}, which is always emitted.')
+      raise ValueError(f'data.features={names!r} repeats data.{key}={value!r}, which is always '
+                       'emitted.')
 
 
 def _is_text(feature) -> bool:
@@ -62,7 +66,8 @@ def _plan_one(features, name: str, image_shape, resolution: int, dataset: str) -
     raise ValueError(f'data.features: {name!r} of {dataset!r} holds strings, which are not emitted '
                      f'as arrays yet; {_TEXT_HINT}.')
   shape = feature.shape
-  if not isinstance(shape, tuple) or isinstance(feature, tfds.features.Sequence) or None in shape[2:]:
+  ragged = isinstance(feature, tfds.features.Sequence) or not isinstance(shape, tuple)
+  if ragged or None in shape[2:]:
     raise ValueError(f'data.features: {name!r} of {dataset!r} has variable length or nested '
                      f'structure, which is not emitted as arrays yet; {_TEXT_HINT}.')
   dtype = np.dtype(feature.np_dtype)
@@ -115,5 +120,6 @@ def extract(example: dict, extra: Extra) -> np.ndarray:
     out = square if square.shape[0] == resolution else _nearest(square, resolution)
     return out.astype(np.int32)
   scale = np.float32(1 / 255) if value.dtype == np.uint8 else np.float32(1)
-  out = square.astype(np.float32) if square.shape[0] == resolution else _bilinear(square, resolution)
-  return out.astype(np.float32) * scale
+  if square.shape[0] != resolution:
+    square = _bilinear(square, resolution)
+  return square.astype(np.float32) * scale

@@ -1,8 +1,11 @@
 """Templated captions: four paraphrases of a scene, each checkable against its labels.
 
-  0 inventory  'A large red circle and a small blue star from left to right, on a striped background.'
-  1 relations  'The red circle is left of the blue star. The blue star is in front of the red circle.'
-  2 counts     'Two shapes: a red circle and a blue star. A person raising one arm. A sign says "GO".'
+  0 inventory  'A large red circle and a small blue star from left to right, on a striped
+               background.'
+  1 relations  'The red circle is left of the blue star. The blue star is in front of the red
+               circle.' (at most two statements)
+  2 counts     'Two shapes: a red circle and a blue star. A person raising one arm. A sign says
+               "GO".'
   3 subject    'A picture of a large red circle and 1 other shape, with a person.'
 
 Objects are named by colour and shape (colours are unique within a scene); the subject

@@ -35,20 +35,22 @@ class GenSpec:
   sizes: tuple[int, int, int, int] = (10_000, 1_000, 1_000, 1_000)  # In SPLITS order.
   seed: int = 0
   caption_noise: float = 0.0
-  scene: grammar.SceneSpec = grammar.SceneSpec()
+  scene: grammar.SceneSpec = dataclasses.field(default_factory=grammar.SceneSpec)
 
   def __post_init__(self):
     r = self.resolution
     if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < MIN_RESOLUTION:
-      raise ValueError(f'resolution={r!r} must be an int >= {MIN_RESOLUTION} (configs use 32, 64, 128, 256).')
+      raise ValueError(f'resolution={r!r} must be an int >= {MIN_RESOLUTION} '
+                       '(the configs use 32, 64, 128, 256).')
     if len(self.sizes) != len(SPLITS) or any(int(n) < 0 for n in self.sizes) or not any(self.sizes):
       raise ValueError(f'sizes={self.sizes!r} must be {len(SPLITS)} non-negative example counts '
                        f'for {SPLITS}, not all zero.')
     if not 0.0 <= self.caption_noise <= 1.0:
       raise ValueError(f'caption_noise={self.caption_noise} must be a fraction in [0, 1].')
     if self.size('held_out') and not self.scene.held_out_pairs():
-      raise ValueError(f'held_out needs one of {grammar.HELD_OUT_PAIRS}, but shapes={self.scene.shapes} '
-                       f'and colours={self.scene.colours} allow none; set its size to 0.')
+      raise ValueError(f'held_out needs one of {grammar.HELD_OUT_PAIRS}, but '
+                       f'shapes={self.scene.shapes} and colours={self.scene.colours} allow none; '
+                       'set its size to 0.')
 
   def size(self, split: str) -> int:
     """Number of examples in `split`."""
@@ -98,8 +100,8 @@ def make_example(spec: GenSpec, split: str, index: int) -> dict:
     lang = language(spec, split, index, scene)
   else:
     lang = language(spec, split, donor, make_scene(spec, split, donor))
-  return {'image': layers.image, 'label': scene.label(), **lang, 'language_swapped': donor is not None,
-          **_scene_features(scene, layers)}
+  return {'image': layers.image, 'label': scene.label(), **lang,
+          'language_swapped': donor is not None, **_scene_features(scene, layers)}
 
 
 def _scene_features(scene: grammar.Scene, layers: render.Layers) -> dict:
@@ -164,11 +166,13 @@ def scene_from_example(example: dict) -> grammar.Scene:
   person = None
   if np.asarray(example['pose_visibility']).any():
     kp = np.asarray(example['pose_keypoints'], np.float32)
-    person = grammar.Person(tuple((float(x), float(y)) for x, y in kp), int(example['person_depth']))
+    person = grammar.Person(tuple((float(x), float(y)) for x, y in kp),
+                            int(example['person_depth']))
   word = _name(example['word'], ())
   sign = None
   if word:
     sign = grammar.Sign(tuple(float(v) for v in np.asarray(example['sign_box'], np.float32)), word,
                         int(example['sign_depth']))
   kind = _name(example['background'], grammar.BACKGROUNDS)
-  return grammar.Scene(objects, person, sign, grammar.Background(kind, (grammar.GREY_RANGE[0],) * 2))
+  background = grammar.Background(kind, (grammar.GREY_RANGE[0],) * 2)
+  return grammar.Scene(objects, person, sign, background)

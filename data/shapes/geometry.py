@@ -83,7 +83,8 @@ def shape_mask(shape: str, x: float, y: float, radius: float, resolution: int) -
   """Bool RxR mask of `shape` centred at (x, y) inside a circle of `radius`."""
   out = np.zeros((resolution, resolution), bool)
   x, y, radius = float(x), float(y), float(radius)
-  rows, cols = _window(y - radius, y + radius, resolution), _window(x - radius, x + radius, resolution)
+  rows = _window(y - radius, y + radius, resolution)
+  cols = _window(x - radius, x + radius, resolution)
   c = pixel_centres(resolution)
   u = (c[cols][None, :] - x) / radius
   v = (c[rows][:, None] - y) / radius
@@ -102,13 +103,21 @@ def _segment_dist2(x: np.ndarray, y: np.ndarray, p: np.ndarray, q: np.ndarray) -
   return (x - p[0] - t * d[0]) ** 2 + (y - p[1] - t * d[1]) ** 2
 
 
-def _limb_masks(keypoints_Jx2: np.ndarray, resolution: int):
+def _capsule(p: np.ndarray, q: np.ndarray, half: float, resolution: int) -> np.ndarray:
+  """Bool RxR: pixel centres within `half` of the segment pq."""
+  out = np.zeros((resolution, resolution), bool)
+  rows = _window(min(p[1], q[1]) - half, max(p[1], q[1]) + half, resolution)
+  cols = _window(min(p[0], q[0]) - half, max(p[0], q[0]) + half, resolution)
   c = pixel_centres(resolution)
-  x, y = c[None, :], c[:, None]
+  out[rows, cols] = _segment_dist2(c[cols][None, :], c[rows][:, None], p, q) <= half * half
+  return out
+
+
+def _limb_masks(keypoints_Jx2: np.ndarray, resolution: int):
   half = limb_width(resolution) / (2 * resolution)
   kp = keypoints_Jx2.astype(np.float64)
   for a, b in pose.LIMBS:
-    yield _segment_dist2(x, y, kp[a], kp[b]) <= half * half
+    yield _capsule(kp[a], kp[b], half, resolution)
 
 
 def person_mask(keypoints_Jx2: np.ndarray, resolution: int) -> np.ndarray:
@@ -144,7 +153,7 @@ def _glyphs(text: str) -> np.ndarray:
   return np.asarray(mask, np.uint8).reshape(mask.size[::-1]) > 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def text_bitmap(word: str) -> np.ndarray:
   """Bool HxW glyphs of `word` in PIL's built-in bitmap font, with a 1-pixel margin.
 

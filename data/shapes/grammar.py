@@ -30,7 +30,8 @@ PERSON_RGB = (40, 40, 40)
 BOARD_RGB = (255, 255, 255)
 TEXT_RGB = (0, 0, 0)
 # Compositions never seen in train/validation/test; every held_out example shows one.
-HELD_OUT_PAIRS = (('triangle', 'green'), ('star', 'blue'), ('heart', 'yellow'), ('square', 'purple'))
+HELD_OUT_PAIRS = (
+    ('triangle', 'green'), ('star', 'blue'), ('heart', 'yellow'), ('square', 'purple'))
 WORDS = ('GO', 'HI', 'STOP', 'ZOO', 'JAX', 'CAT', 'DOG', 'SUN', 'BUS', 'MAP', 'OPEN', 'EXIT',
          'TREE', 'FISH', 'BIRD', 'CAKE')
 MAX_OBJECTS = 4
@@ -61,10 +62,12 @@ class Obj:
 
   @property
   def radius(self) -> float:
+    """Radius of the circle the shape fits in, in image units."""
     return SIZE_RADIUS[self.size]
 
   @property
   def rgb(self) -> tuple[int, int, int]:
+    """The palette colour."""
     return COLOURS[self.colour]
 
   def phrase(self, article: str = 'the', size: bool = False) -> str:

@@ -1,4 +1,4 @@
-"""Benchmark: build speed of the shapes dataset and the scorer's accuracy; prints a table, writes JSON.
+"""Benchmark: shapes build speed and scorer accuracy; prints a table and writes JSON.
 
   python -m data.shapes.measure [--resolution 64] [--num_train 10000] [--num_score 1000]
                                 [--workers N] [--json shapes_measure.json]
@@ -55,8 +55,9 @@ def scorer_accuracy(data_dir: str, resolution: int, num: int, workers: int | Non
 
 
 def _table(speed: dict, scores: dict) -> str:
-  lines = [f'build: {speed["examples"]} examples at {speed["resolution"]}^2 in {speed["seconds"]} s '
-           f'({speed["examples_per_second"]} examples/s, {speed["workers"]} workers)', '']
+  lines = [f'build: {speed["examples"]} examples at {speed["resolution"]}^2 in '
+           f'{speed["seconds"]} s ({speed["examples_per_second"]} examples/s, '
+           f'{speed["workers"]} workers)', '']
   cols = ('overall', *score_lib.CRITERIA, 'mean_iou', 'keypoint_error')
   lines.append(f'{"test images":<12}' + ''.join(f'{c:>15}' for c in cols))
   for kind, s in scores.items():
@@ -69,7 +70,8 @@ def _table(speed: dict, scores: dict) -> str:
 
 def main(argv=None) -> None:
   """CLI entry point."""
-  parser = argparse.ArgumentParser(prog='python -m data.shapes.measure', description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog='python -m data.shapes.measure',
+                                   description=__doc__.splitlines()[0])
   parser.add_argument('--resolution', type=int, default=64)
   parser.add_argument('--num_train', type=int, default=10_000)
   parser.add_argument('--num_score', type=int, default=1_000)

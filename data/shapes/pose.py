@@ -69,4 +69,5 @@ def head_radius(keypoints_Jx2: np.ndarray) -> float:
 
 def raised_arms(keypoints_Jx2: np.ndarray) -> int:
   """How many arms are raised: wrists above (smaller y than) their shoulders."""
-  return int(keypoints_Jx2[4, 1] < keypoints_Jx2[2, 1]) + int(keypoints_Jx2[7, 1] < keypoints_Jx2[5, 1])
+  kp = keypoints_Jx2
+  return int(kp[4, 1] < kp[2, 1]) + int(kp[7, 1] < kp[5, 1])

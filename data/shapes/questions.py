@@ -4,7 +4,8 @@ Types and templates ('the X' names an object by colour and shape):
   count      'How many shapes are there?' / 'How many circles are there?' -> '0'..'4'
   colour     'What colour is the star?' (the star is the only star)      -> 'red'
   shape      'What shape is the red object?'                              -> 'star'
-  position   'Is the X left of the Y?' (also right of, above, below, in front of, behind) -> 'yes' / 'no'
+  position   'Is the X left of the Y?' (or right of, above, below, in front of, behind)
+                                                                          -> 'yes' / 'no'
   exists     'Is there a green circle?'                                   -> 'yes' / 'no'
   read_text  'What does the sign say?'                                    -> 'STOP'
   two_hop    'What colour is the shape left of the star?' / 'What shape is the object behind the X?'
@@ -56,7 +57,8 @@ def _shape(facts, rng, spec):
 
 def _position(facts, rng, spec):
   n = len(facts.objects)
-  triples = [(i, rel, j) for i in range(n) for j in range(n) if i != j for rel in _POSITION_RELATIONS]
+  triples = [(i, rel, j) for i in range(n) for j in range(n) if i != j
+             for rel in _POSITION_RELATIONS]
   yes = [t for t in triples if facts.holds(*t)]
   no = [t for t in triples if facts.clearly_not(*t)]
   answer = 'yes' if yes and (not no or rng.random() < 0.5) else 'no'
@@ -69,7 +71,9 @@ def _position(facts, rng, spec):
 
 def _exists(facts, rng, spec, held_out):
   present = {(o.shape, o.colour) for o in facts.objects}
-  candidates = [(s, c) for s in spec.shapes for c in spec.colours] if held_out else spec.seen_pairs()
+  candidates = spec.seen_pairs()
+  if held_out:
+    candidates = [(s, c) for s in spec.shapes for c in spec.colours]
   absent = [p for p in candidates if p not in present]
   if absent and rng.random() < 0.5:
     shape, colour = _pick(rng, absent)
@@ -99,7 +103,8 @@ def _two_hop(facts, rng, spec):
   if rng.random() < 0.5:
     question = f'What colour is the shape {rel} {_anchor_phrase(facts, anchor)}?'
     return question, facts.objects[target].colour
-  return f'What shape is the object {rel} {_anchor_phrase(facts, anchor)}?', facts.objects[target].shape
+  question = f'What shape is the object {rel} {_anchor_phrase(facts, anchor)}?'
+  return question, facts.objects[target].shape
 
 
 def questions(facts: relations.Facts, rng: np.random.Generator, spec: grammar.SceneSpec,

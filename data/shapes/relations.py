@@ -43,7 +43,8 @@ class Facts:
   def _signed(self, i: int, rel: str, j: int) -> float:
     """How far i is past j in the relation's direction (> MARGIN: holds; <= 0: clearly not)."""
     a, b = self.objects[i], self.objects[j]
-    return {'left of': b.x - a.x, 'right of': a.x - b.x, 'above': b.y - a.y, 'below': a.y - b.y}[rel]
+    return {'left of': b.x - a.x, 'right of': a.x - b.x,
+            'above': b.y - a.y, 'below': a.y - b.y}[rel]
 
   def holds(self, i: int, rel: str, j: int) -> bool:
     """Whether 'object i <rel> object j' is true and unambiguous."""

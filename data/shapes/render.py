@@ -115,4 +115,5 @@ def render(scene: grammar.Scene, resolution: int) -> Layers:
   boxes = np.zeros((0, 4), np.float32)
   if scene.objects:
     boxes = np.stack([_box(e.mask) for e in ents[:len(scene.objects)]])
-  return Layers(image, semantic, instance, depth, skeleton, _visibility(scene.person, instance), boxes)
+  visibility = _visibility(scene.person, instance)
+  return Layers(image, semantic, instance, depth, skeleton, visibility, boxes)

@@ -19,7 +19,7 @@ _SIGN_SCALE = (0.011, 0.016)  # Image units per glyph-bitmap pixel.
 
 
 def _attributes(rng: np.random.Generator, spec: grammar.SceneSpec, n: int, held_out: bool):
-  """n (shape, colour, size) triples with distinct colours; held_out forces one held-out pair first."""
+  """n (shape, colour, size) triples, distinct colours; held_out puts a held-out pair first."""
   chosen = []
   if held_out:
     pairs = spec.held_out_pairs()

@@ -34,7 +34,8 @@ POSITION_TOLERANCE = 0.08
 NEUTRAL_TOLERANCE = 40.0  # RGB distance for the person, board and text colours.
 SIGN_AGREEMENT = 0.8
 _PALETTE_Kx3 = np.array([grammar.COLOURS[c] for c in grammar.COLOUR_NAMES], np.float32)
-_GREYS_Gx3 = np.repeat(np.array([0, 32, 64, 96, 128, 160, 192, 224, 255], np.float32)[:, None], 3, 1)
+_GREYS_Gx3 = np.repeat(np.array([0, 32, 64, 96, 128, 160, 192, 224, 255], np.float32)[:, None],
+                       3, axis=1)
 
 
 def classify(image_RxRx3: np.ndarray) -> np.ndarray:
@@ -65,7 +66,8 @@ def _widened_box(mask: np.ndarray, margin: int) -> np.ndarray:
   rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
   out = np.zeros_like(mask)
   if rows.size:
-    out[max(0, rows[0] - margin):rows[-1] + margin + 1, max(0, cols[0] - margin):cols[-1] + margin + 1] = True
+    top, left = max(0, rows[0] - margin), max(0, cols[0] - margin)
+    out[top:rows[-1] + margin + 1, left:cols[-1] + margin + 1] = True
   return out
 
 
@@ -133,7 +135,7 @@ def score(image: np.ndarray, example: dict) -> dict:
   judged object) and 'keypoint_errors' (per judged joint), which `aggregate` pools.
   """
   image = np.asarray(image)
-  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[1:] != (image.shape[0], 3):
     raise ValueError(f'image must be uint8 RxRx3, got {image.dtype} {image.shape}; '
                      'map [-1, 1] floats with np.round((x + 1) * 127.5).astype(np.uint8).')
   r = image.shape[0]

@@ -82,7 +82,8 @@ def features(r: int) -> tfds.features.FeaturesDict:
           'colour': label(names=grammar.COLOUR_NAMES),
           'size': label(names=grammar.SIZES),
           'center': tensor(shape=(2,), dtype=np.float32, doc='(x, y) in [0, 1].'),
-          'box': tensor(shape=(4,), dtype=np.float32, doc='(ymin, xmin, ymax, xmax) of the full shape.'),
+          'box': tensor(shape=(4,), dtype=np.float32,
+                        doc='(ymin, xmin, ymax, xmax) of the full shape.'),
           'depth': tensor(shape=(), dtype=np.int32, doc='Depth level; smaller is nearer.'),
           'depth_order': tensor(shape=(), dtype=np.int32, doc='0 = nearest object.'),
       }),
@@ -91,7 +92,8 @@ def features(r: int) -> tfds.features.FeaturesDict:
       'instance_mask': _map(r, 'Object k is k+1; sign 5; person 6; background 0.'),
       'depth': _map(r, 'Depth level of the visible entity; background 255.'),
       'skeleton': _map(r, 'Limb index + 1 of pose.LIMBS on each limb stroke.'),
-      'pose_keypoints': tensor(shape=(pose.NUM_JOINTS, 2), dtype=np.float32, doc='(x, y) in [0, 1].'),
+      'pose_keypoints': tensor(shape=(pose.NUM_JOINTS, 2), dtype=np.float32,
+                               doc='(x, y) in [0, 1].'),
       'pose_visibility': tensor(shape=(pose.NUM_JOINTS,), dtype=np.int32,
                                 doc='0 no person, 1 occluded, 2 visible.'),
       'person_depth': tensor(shape=(), dtype=np.int32, doc='-1 without a person.'),
@@ -111,6 +113,7 @@ class _CanonicalWriter(writer_lib.ExampleWriter):
   """Writes records re-serialised deterministically."""
 
   def write(self, path, examples):
+    """Writes (key, record) pairs to `path` with each record in canonical form."""
     return super().write(path, ((key, _canonical(record)) for key, record in examples))
 
 
@@ -142,7 +145,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)  # See digits_dataset_builder.Builder.code_path.
+    """This file (see digits_dataset_builder.Builder.code_path for why it is overridden)."""
+    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -57,21 +57,24 @@ def grid(examples: list[dict], cell: int = 128) -> PIL.Image.Image:
   """One row per example: five upscaled panels and a text panel, under a header row."""
   font = PIL.ImageFont.load_default()
   header = 18
-  out = PIL.Image.new('RGB', (5 * cell + _TEXT_WIDTH, header + cell * len(examples)), (255, 255, 255))
+  size = (5 * cell + _TEXT_WIDTH, header + cell * len(examples))
+  out = PIL.Image.new('RGB', size, (255, 255, 255))
   draw = PIL.ImageDraw.Draw(out)
   for k, name in enumerate(_HEADERS + ('first caption, first question',)):
     draw.text((k * cell + 4, 3), name, fill=(0, 0, 0), font=font)
   for row, example in enumerate(examples):
     y = header + row * cell
     for k, picture in enumerate(panels(example)):
-      out.paste(PIL.Image.fromarray(picture).resize((cell, cell), PIL.Image.Resampling.NEAREST), (k * cell, y))
+      big = PIL.Image.fromarray(picture).resize((cell, cell), PIL.Image.Resampling.NEAREST)
+      out.paste(big, (k * cell, y))
     out.paste(_text_panel(example, cell, font), (5 * cell, y))
   return out
 
 
 def main(argv=None) -> None:
   """CLI entry point."""
-  parser = argparse.ArgumentParser(prog='python -m data.shapes.show', description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog='python -m data.shapes.show',
+                                   description=__doc__.splitlines()[0])
   parser.add_argument('--out', required=True, help='PNG path to write')
   parser.add_argument('--resolution', type=int, default=64)
   parser.add_argument('--split', default='train', choices=generate.SPLITS)
