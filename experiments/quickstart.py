@@ -13,6 +13,7 @@ Arguments: smoke (bool, seconds-long run), res (16 or 32), steps (int, 0 = defau
 
 from zoo import config as zoo_config
 from zoo import models
+from zoo import sharding
 
 ConfigDict = zoo_config.ConfigDict
 
@@ -55,8 +56,6 @@ def get_config(arg=None):
 
   # -1: every device not claimed by the other axes.
   config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.sharding_rules = ConfigDict(dict(
-      act_batch=('data', 'fsdp'), embed='fsdp', mlp='tensor', heads='tensor', kv=None,
-      vocab='tensor', conv_in=None, conv_out='fsdp'))
+  config.sharding_rules = ConfigDict(sharding.DEFAULT_RULES)
   config.init_from = ''
   return config

@@ -14,6 +14,7 @@ Arguments: smoke (bool, a seconds-long run on the 512-example `tiny32` config), 
 
 from zoo import config as zoo_config
 from zoo import models
+from zoo import sharding
 
 ConfigDict = zoo_config.ConfigDict
 
@@ -57,8 +58,6 @@ def get_config(arg=None):
       use_ema=True, seed=0))
 
   config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.sharding_rules = ConfigDict(dict(
-      act_batch=('data', 'fsdp'), embed='fsdp', mlp='tensor', heads='tensor', kv=None,
-      vocab='tensor', conv_in=None, conv_out='fsdp'))
+  config.sharding_rules = ConfigDict(sharding.DEFAULT_RULES)
   config.init_from = ''
   return config

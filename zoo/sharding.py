@@ -15,6 +15,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
+# The usual mapping of the logical vocabulary: FSDP over embeddings and conv outputs, tensor
+# parallelism over MLP / heads / vocab. Experiments start from it (`config.sharding_rules`).
+DEFAULT_RULES = {
+    'act_batch': BATCH_AXES, 'act_len': None, 'act_emb': None, 'embed': 'fsdp',
+    'mlp': 'tensor', 'heads': 'tensor', 'kv': None, 'vocab': 'tensor', 'conv_in': None,
+    'conv_out': 'fsdp',
+}
 
 
 def maybe_initialize_distributed(dist_config=None):
