@@ -5,11 +5,12 @@ The label is the shape of each scene's largest object (8 classes); structural co
 use (res32: 13,000 examples in well under a minute).
 
   zoo train --config experiments/shapes_diffusion.py --workdir workdirs/shapes
+  zoo train --config experiments/shapes_diffusion.py:model=dit --workdir workdirs/shapes_dit
   zoo train --config experiments/shapes_diffusion.py:smoke=True --workdir /tmp/shapes_smoke
   zoo sample --workdir workdirs/shapes --num 32 --label 2 --label 5 --out shapes.png
 
 Arguments: smoke (bool, a seconds-long run on the 512-example `tiny32` config), steps (int,
-0 = default).
+0 = default), model ('unet' or 'dit': a U-Net, or a DiT with adaLN-Zero blocks over 4x4 patches).
 """
 
 from zoo import config as zoo_config
@@ -20,7 +21,7 @@ ConfigDict = zoo_config.ConfigDict
 
 
 def get_config(arg=None):
-  arg = zoo_config.parse_arg(arg, smoke=False, steps=0)
+  arg = zoo_config.parse_arg(arg, smoke=False, steps=0, model='unet')
   config = ConfigDict()
   config.seed = 0
 
@@ -29,8 +30,14 @@ def get_config(arg=None):
       builder_config='tiny32' if arg.smoke else 'res32', train_split='train',
       eval_split='validation', features=()))
 
-  config.model = models.config('unet', preset='tiny' if arg.smoke else 'digits',
-                               in_channels=3, out_channels=3, num_classes=8)
+  if arg.model == 'dit':
+    config.model = models.config(
+        'dit', input_size=32, patch_size=4, in_channels=3, num_classes=8, learn_sigma=False,
+        **(dict(hidden_size=32, depth=2, num_heads=4) if arg.smoke else
+           dict(hidden_size=192, depth=6, num_heads=3)))
+  else:
+    config.model = models.config('unet', preset='tiny' if arg.smoke else 'digits',
+                                 in_channels=3, out_channels=3, num_classes=8)
 
   config.task = ConfigDict(dict(
       name='diffusion', schedule='cosine', num_timesteps=1000, prediction_type='epsilon',

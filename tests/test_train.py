@@ -204,9 +204,10 @@ def test_bfloat16_compute_keeps_float32_params_and_writes_config_json(tmp_path):
   assert saved['train']['steps'] == 2 and saved['model']['dtype'] == 'bfloat16'
 
 
-def test_shapes_experiment_trains_through_the_engine(tmp_path):
-  config = zoo_config.load(os.path.join(REPO, 'experiments', 'shapes_diffusion.py:smoke=True'),
-                           ['--config.evals.samples.per_label=1', '--config.mesh.data=1'])
+@pytest.mark.parametrize('model', ['unet', 'dit'])
+def test_shapes_experiment_trains_through_the_engine(tmp_path, model):
+  spec = os.path.join(REPO, 'experiments', f'shapes_diffusion.py:smoke=True,model={model}')
+  config = zoo_config.load(spec, ['--config.evals.samples.per_label=1', '--config.mesh.data=1'])
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state['step']) == config.train.steps
   rows = [r for r in metrics.read_jsonl(tmp_path / 'metrics.jsonl') if 'loss' in r]

@@ -4,7 +4,9 @@ import dataclasses
 import typing
 
 from zoo import config as zoo_config
+from zoo.models import dit
 from zoo.models import unet
+from zoo.models import vae
 
 
 class Entry(typing.NamedTuple):
@@ -15,6 +17,8 @@ class Entry(typing.NamedTuple):
 
 MODELS = {
     'unet': Entry(unet.UNet, unet.check_config, unet.preset),
+    'dit': Entry(dit.DiT, dit.check_config, dit.preset),
+    'vae': Entry(vae.AutoencoderKL, vae.check_config, vae.preset),
 }
 
 

@@ -57,7 +57,7 @@ def preset(name: str) -> dict[str, Any]:
 
 
 class ResnetBlock(nn.Module):
-  """GroupNorm-SiLU-conv twice with the projected time embedding added in between."""
+  """GroupNorm-SiLU-conv twice with the projected time embedding (if any) added in between."""
   out_channels: int
   num_groups: int
   eps: float
@@ -71,9 +71,11 @@ class ResnetBlock(nn.Module):
     norm = lambda name: layers.GroupNorm(self.num_groups, self.eps, name=name, **kw)
     h = layers.conv(self.out_channels, 3, name='conv1', **kw)(
         nn.silu(norm('norm1')(x_BxHxWxC)))
-    t_BxC = layers.dense(self.out_channels, ('embed', 'conv_out'), name='time_emb_proj', **kw)(
-        nn.silu(temb_BxT))
-    h = nn.silu(norm('norm2')(h + t_BxC[:, None, None, :]))
+    if temb_BxT is not None:  # None: no time_emb_proj at all (the VAE's ResnetBlock2D).
+      t_BxC = layers.dense(self.out_channels, ('embed', 'conv_out'), name='time_emb_proj', **kw)(
+          nn.silu(temb_BxT))
+      h = h + t_BxC[:, None, None, :]
+    h = nn.silu(norm('norm2')(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = layers.conv(self.out_channels, 3, name='conv2', **kw)(h)
     skip = x_BxHxWxC.astype(self.dtype)
@@ -172,7 +174,10 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-  """`UpBlock2D` / `AttnUpBlock2D`: per layer concat a skip, resnet (+ attention); then upsample."""
+  """`UpBlock2D` / `AttnUpBlock2D`: per layer concat a skip, resnet (+ attention); then upsample.
+
+  `skips` None concatenates nothing (the VAE decoder's `UpDecoderBlock2D`).
+  """
   out_channels: int
   num_layers: int
   attention: bool
@@ -182,7 +187,8 @@ class UpBlock(nn.Module):
   @nn.compact
   def __call__(self, h, skips, temb, context, train):
     for j in range(self.num_layers):
-      h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
+      if skips is not None:
+        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
       h = self.s.resnet(self.out_channels, f'resnets_{j}')(h, temb, train)
       if self.attention:
         h = self.s.attention(f'attentions_{j}')(h, context)

@@ -13,6 +13,7 @@ from zoo import config as zoo_config
 from zoo import diffusion
 from zoo import models
 
+DENOISERS = ('unet', 'dit')  # Models with the (x_t, t, labels=, context=) denoiser signature.
 SCHEMA = {
     'name': str, 'schedule': str, 'num_timesteps': int, 'prediction_type': str,
     'label_dropout': float, 'sampler': str, 'sample_steps': int, 'eta': float,
@@ -36,7 +37,11 @@ class DiffusionTask:
                        f'[1, num_timesteps={task.num_timesteps}]')
     if not 0.0 <= task.label_dropout < 1.0:
       raise ValueError(f'config.task.label_dropout={task.label_dropout} must lie in [0, 1)')
+    zoo_config.check_choice(config.model.get('name', None), DENOISERS, 'config.model.name')
     models.check_config(config.model, config.data.resolution)
+    if config.model.get('learn_sigma', False):
+      raise ValueError('config.model.learn_sigma=True needs the learned-variance (iDDPM hybrid) '
+                       'loss, which this task does not have yet: set it to False')
     if config.model.num_classes and not config.data.label_key:
       raise ValueError('config.model.num_classes > 0 needs labels: set config.data.label_key')
 

@@ -1,0 +1,347 @@
+"""Diffusion Transformer (DiT, Peebles & Xie 2023) with adaLN-Zero conditioning.
+
+Legend: B batch, H/W image height/width, C input channels, O output channels, G patch-grid side
+(input_size // patch_size), N tokens (G*G), P patch side, D hidden size, A heads, K head width,
+F sinusoidal timestep width (256). Activations are NHWC at the edges, BxNxD inside.
+
+Parameter paths follow the facebookresearch/DiT `models.py` names, so an original checkpoint
+converts by renaming `a.0.b` -> `a_0/b`, transposing kernels (conv OIHW -> HWIO, linear
+W -> W.T), renaming `embedding_table.weight` -> `embedding_table/embedding` and dropping the
+frozen `pos_embed`:
+  x_embedder/proj, t_embedder/{mlp_0, mlp_2}, y_embedder/embedding_table,
+  blocks_i/{attn/qkv, attn/proj, mlp/fc1, mlp/fc2, adaLN_modulation_1},
+  final_layer/{adaLN_modulation_1, linear}.
+A diffusers `DiTTransformer2DModel` converts too: its to_q/to_k/to_v concatenate (output axis)
+into `qkv`, and its per-block timestep/label embedders are copies of one (see
+tests/test_dit_parity.py). diffusers embeds timesteps with `downscale_freq_shift=1`, the
+original with 0: set `freq_shift` to match the checkpoint's origin.
+
+With `learn_sigma` the output has 2*C channels: [..., :C] is the ε prediction and [..., C:]
+the iDDPM variance interpolation v. The diffusion task must take the first C channels as ε.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.nn import layers
+
+FREQ_DIM = 256
+LN_EPS = 1e-6
+ACT_AXES = ('act_batch', 'act_len', 'act_emb')
+IMAGE_AXES = ('act_batch', None, None, None)
+
+SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    f'DiT-{size}/{patch}': dict(depth=depth, hidden_size=hidden, num_heads=heads,
+                                patch_size=patch)
+    for size, (depth, hidden, heads) in SIZES.items() for patch in (2, 4, 8)
+}
+# Test-sized: 8x8 latents, 16 tokens, two blocks of width 32, 51,168 params.
+PRESETS['tiny'] = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2,
+                       num_heads=4, num_classes=10)
+
+
+def preset(name: str) -> dict[str, Any]:
+  """A fresh copy of the named preset's DiT keyword arguments."""
+  if name not in PRESETS:
+    raise ValueError(f'unknown DiT preset {name!r}; allowed: {sorted(PRESETS)}')
+  return dict(PRESETS[name])
+
+
+def _init(init, axes):
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+XAVIER = nn.initializers.xavier_uniform()
+ZEROS = nn.initializers.zeros_init()
+NORMAL_002 = nn.initializers.normal(0.02)
+
+
+def _dense(features, axes, kernel_init, dtype, name):
+  """nn.Dense with logical axes; biases always start at zero (DiT `_basic_init`)."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=_init(kernel_init, axes), bias_init=_init(ZEROS, (axes[1],)),
+                  name=name)
+
+
+def _layer_norm(x):
+  """LayerNorm without affine parameters (eps 1e-6), in float32 with a two-pass variance."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + LN_EPS)
+
+
+def _modulate(x_BxNxD, shift_BxD, scale_BxD):
+  return x_BxNxD * (1 + scale_BxD[:, None, :]) + shift_BxD[:, None, :]
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
+  """Fixed MAE 2-D sin-cos positions, (grid*grid)xdim float32, rows in row-major patch order.
+
+  The first dim/2 columns encode the column (w) index, the last dim/2 the row (h) index, each
+  as [sin, cos] with frequencies 10000**(-i / (dim/4)); computed in float64 like the reference.
+  """
+  omega_Q = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+  rows_N, cols_N = (a.reshape(-1) for a in np.meshgrid(np.arange(grid), np.arange(grid),
+                                                       indexing='ij'))
+
+  def one_axis(pos_N):
+    out_NxQ = np.outer(pos_N.astype(np.float64), omega_Q)
+    return np.concatenate([np.sin(out_NxQ), np.cos(out_NxQ)], axis=1)
+
+  return np.concatenate([one_axis(cols_N), one_axis(rows_N)], axis=1).astype(np.float32)
+
+
+class SelfAttention(nn.Module):
+  """timm `Attention`: fused qkv (bias) -> softmax(q k^T / sqrt(K)) v -> proj."""
+  num_heads: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxNxD):
+    batch, tokens, hidden = x_BxNxD.shape
+    head_dim = hidden // self.num_heads
+    qkv_BxNx3D = _dense(3 * hidden, ('embed', 'heads'), XAVIER, self.dtype, 'qkv')(x_BxNxD)
+    q_BxNxAxK, k_BxNxAxK, v_BxNxAxK = (
+        qkv_BxNx3D.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 1, 3, 4))
+    # Logits and softmax in float32: bf16 logits saturate.
+    logits_BxAxNxN = jnp.einsum('bnak,bmak->banm', q_BxNxAxK, k_BxNxAxK,
+                                preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    probs_BxAxNxN = jax.nn.softmax(logits_BxAxNxN, axis=-1).astype(self.dtype)
+    out_BxNxAxK = jnp.einsum('banm,bmak->bnak', probs_BxAxNxN, v_BxNxAxK)
+    return _dense(hidden, ('heads', 'embed'), XAVIER, self.dtype, 'proj')(
+        out_BxNxAxK.reshape(batch, tokens, hidden))
+
+
+class Mlp(nn.Module):
+  """timm `Mlp`: fc1 -> GELU(tanh) -> fc2."""
+  hidden_features: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxNxD):
+    h = _dense(self.hidden_features, ('embed', 'mlp'), XAVIER, self.dtype, 'fc1')(x_BxNxD)
+    h = nn.gelu(h, approximate=True)
+    return _dense(x_BxNxD.shape[-1], ('mlp', 'embed'), XAVIER, self.dtype, 'fc2')(h)
+
+
+class DiTBlock(nn.Module):
+  """x + gate * f(modulate(LN(x))) for f = attention, then MLP; shift/scale/gate from c."""
+  num_heads: int
+  mlp_ratio: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxNxD, c_BxD):
+    hidden = x_BxNxD.shape[-1]
+    mod_Bx6D = _dense(6 * hidden, ('embed', 'mlp'), ZEROS, self.dtype, 'adaLN_modulation_1')(
+        nn.silu(c_BxD))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+        m.astype(jnp.float32) for m in jnp.split(mod_Bx6D, 6, axis=-1))
+    h = _modulate(_layer_norm(x_BxNxD), shift_msa, scale_msa).astype(self.dtype)
+    x_BxNxD = x_BxNxD + gate_msa[:, None, :] * SelfAttention(
+        self.num_heads, self.dtype, name='attn')(h)
+    h = _modulate(_layer_norm(x_BxNxD), shift_mlp, scale_mlp).astype(self.dtype)
+    x_BxNxD = x_BxNxD + gate_mlp[:, None, :] * Mlp(
+        int(hidden * self.mlp_ratio), self.dtype, name='mlp')(h)
+    return x_BxNxD
+
+
+class FinalLayer(nn.Module):
+  """modulate(LN(x)) with a 2*D adaLN, then a zero-initialised linear to P*P*O per token."""
+  out_features: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxNxD, c_BxD):
+    mod_Bx2D = _dense(2 * x_BxNxD.shape[-1], ('embed', 'mlp'), ZEROS, self.dtype,
+                      'adaLN_modulation_1')(nn.silu(c_BxD))
+    shift_BxD, scale_BxD = jnp.split(mod_Bx2D.astype(jnp.float32), 2, axis=-1)
+    h = _modulate(_layer_norm(x_BxNxD), shift_BxD, scale_BxD).astype(self.dtype)
+    return _dense(self.out_features, ('embed', None), ZEROS, self.dtype, 'linear')(h)
+
+
+class TimestepEmbedder(nn.Module):
+  """256-d cos-first sinusoid -> mlp_0 -> SiLU -> mlp_2 (weights N(0, 0.02))."""
+  hidden_size: int
+  freq_shift: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, t_B):
+    emb_BxF = layers.timestep_embedding(t_B, FREQ_DIM, flip_sin_to_cos=True,
+                                        freq_shift=self.freq_shift)
+    h = _dense(self.hidden_size, (None, 'mlp'), NORMAL_002, self.dtype, 'mlp_0')(emb_BxF)
+    return _dense(self.hidden_size, ('mlp', 'embed'), NORMAL_002, self.dtype, 'mlp_2')(
+        nn.silu(h))
+
+
+class PatchEmbed(nn.Module):
+  """timm `PatchEmbed`: a PxP stride-P conv `proj`, initialised like the linear it is."""
+  hidden_size: int
+  patch_size: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    p = self.patch_size
+    # xavier over the flattened (P*P*C, D) matrix, as DiT's initialize_weights.
+    kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform',
+                                                   in_axis=(0, 1, 2), out_axis=3)
+    return nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                   param_dtype=jnp.float32,
+                   kernel_init=_init(kernel_init, (None, None, None, 'embed')),
+                   bias_init=_init(ZEROS, ('embed',)), name='proj')(x_BxHxWxC)
+
+
+class LabelEmbedder(nn.Module):
+  """`embedding_table` of num_classes + 1 rows (the last is the null class), N(0, 0.02)."""
+  num_classes: int
+  hidden_size: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, labels_B):
+    return nn.Embed(self.num_classes + 1, self.hidden_size, dtype=self.dtype,
+                    param_dtype=jnp.float32,
+                    embedding_init=_init(NORMAL_002, (None, 'embed')),
+                    name='embedding_table')(jnp.asarray(labels_B, jnp.int32))
+
+
+class DiT(nn.Module):
+  """Class-conditional DiT over NHWC latents: patchify, adaLN-Zero blocks, unpatchify.
+
+  `num_classes` > 0 adds a label table of num_classes + 1 rows; row `num_classes` is the null
+  class, used when `labels_B` is None (classifier-free guidance; the task does label dropout).
+  `num_classes` = 0 is unconditional. `freq_shift` is the timestep-embedding denominator shift:
+  0 = original DiT, 1 = diffusers `DiTTransformer2DModel`. Text conditioning (`context_BxLxD`)
+  is not implemented yet and raises. Params are float32; `dtype` is the compute dtype; the
+  output is float32. At init the output is exactly zero (adaLN-Zero).
+  """
+  input_size: int = 32
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  learn_sigma: bool = True
+  freq_shift: float = 0.0
+  dtype: str = 'float32'
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+  def _condition(self, t_B, labels_B, batch, dtype):
+    """c = t_emb + y_emb, BxD."""
+    t_B = jnp.broadcast_to(jnp.asarray(t_B, jnp.float32), (batch,))
+    c_BxD = TimestepEmbedder(self.hidden_size, self.freq_shift, dtype, name='t_embedder')(t_B)
+    if self.num_classes > 0:
+      if labels_B is None:
+        labels_B = jnp.full((batch,), self.num_classes, jnp.int32)
+      c_BxD = c_BxD + LabelEmbedder(self.num_classes, self.hidden_size, dtype,
+                                    name='y_embedder')(labels_B)
+    elif labels_B is not None:
+      raise ValueError('labels_B given but model.num_classes=0; set model.num_classes > 0')
+    return nn.with_logical_constraint(c_BxD, ('act_batch', 'act_emb'))
+
+  def _check_inputs(self, x_BxHxWxC, context_BxLxD):
+    check_config(_fields(self), resolution=None)
+    if context_BxLxD is not None:
+      raise ValueError('DiT has no text conditioning yet: context_BxLxD must be None')
+    want = (self.input_size, self.input_size, self.in_channels)
+    if tuple(x_BxHxWxC.shape[1:]) != want:
+      raise ValueError(f'input is {tuple(x_BxHxWxC.shape[1:])} (HxWxC) but the model expects '
+                       f'{want} (model.input_size, model.input_size, model.in_channels)')
+
+  def _unpatchify(self, x_BxNxPPO):
+    batch, grid, p = x_BxNxPPO.shape[0], self.input_size // self.patch_size, self.patch_size
+    x = x_BxNxPPO.reshape(batch, grid, grid, p, p, self.out_channels)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(
+        batch, grid * p, grid * p, self.out_channels)
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, t_B, *, labels_B=None, context_BxLxD=None, train=False):
+    """Predicts a BxHxWxO float32 map (O = 2C with learn_sigma) from noisy latents and t_B.
+
+    t_B may be a scalar or a length-B vector, integer or continuous. `train` is accepted for
+    the task interface; DiT has no dropout.
+    """
+    del train
+    self._check_inputs(x_BxHxWxC, context_BxLxD)
+    dtype, batch, p = layers.to_dtype(self.dtype), x_BxHxWxC.shape[0], self.patch_size
+    x = nn.with_logical_constraint(x_BxHxWxC, IMAGE_AXES)
+    h = PatchEmbed(self.hidden_size, p, dtype, name='x_embedder')(x)
+    pos_NxD = sincos_pos_embed(self.hidden_size, self.input_size // p)
+    # The residual stream stays float32 under bf16 compute; only block inputs are cast.
+    h = h.reshape(batch, -1, self.hidden_size).astype(jnp.float32) + pos_NxD[None]
+    c_BxD = self._condition(t_B, labels_B, batch, dtype)
+    for i in range(self.depth):
+      h = DiTBlock(self.num_heads, self.mlp_ratio, dtype, name=f'blocks_{i}')(h, c_BxD)
+      h = nn.with_logical_constraint(h, ACT_AXES)
+    out = FinalLayer(p * p * self.out_channels, dtype, name='final_layer')(h, c_BxD)
+    out = self._unpatchify(out.astype(jnp.float32))
+    return nn.with_logical_constraint(out, IMAGE_AXES)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(DiT) if f.name not in ('parent', 'name'))
+MODEL = DiT
+
+
+def _fields(module: DiT) -> dict[str, Any]:
+  return {f: getattr(module, f) for f in FIELDS}
+
+
+def _check_positive(kw):
+  for key in ('input_size', 'patch_size', 'in_channels', 'hidden_size', 'depth', 'num_heads'):
+    if kw[key] < 1:
+      raise ValueError(f'model.{key}={kw[key]} must be >= 1')
+  if kw['num_classes'] < 0:
+    raise ValueError(f"model.num_classes={kw['num_classes']} must be >= 0 (0 = unconditional)")
+  if kw['mlp_ratio'] <= 0 or int(kw['hidden_size'] * kw['mlp_ratio']) < 1:
+    raise ValueError(f"model.mlp_ratio={kw['mlp_ratio']} must be > 0 and give an MLP width >= 1")
+  if not 0 <= kw['freq_shift'] < FREQ_DIM // 2:
+    raise ValueError(f"model.freq_shift={kw['freq_shift']} must be in [0, {FREQ_DIM // 2}); "
+                     '0 = original DiT, 1 = diffusers')
+
+
+def _check_shapes(kw, resolution):
+  if kw['input_size'] % kw['patch_size']:
+    raise ValueError(f"model.input_size={kw['input_size']} must be divisible by "
+                     f"model.patch_size={kw['patch_size']}")
+  if kw['hidden_size'] % kw['num_heads']:
+    raise ValueError(f"model.hidden_size={kw['hidden_size']} must be divisible by "
+                     f"model.num_heads={kw['num_heads']}")
+  if kw['hidden_size'] % 4:
+    raise ValueError(f"model.hidden_size={kw['hidden_size']} must be divisible by 4 "
+                     '(2-D sin-cos positions use sin and cos per axis)')
+  if resolution is not None and resolution != kw['input_size']:
+    raise ValueError(f'resolution={resolution} must equal model.input_size={kw["input_size"]} '
+                     '(DiT positions are fixed to one grid)')
+
+
+def check_config(model_kwargs: dict[str, Any], resolution: int | None) -> None:
+  """Raises ValueError naming the offending `model.*` key for an invalid DiT configuration.
+
+  Unknown keys are rejected; missing keys take the DiT defaults. `resolution` (None to skip)
+  is the data resolution the model sees and must equal `input_size`.
+  """
+  unknown = sorted(set(model_kwargs) - set(FIELDS))
+  if unknown:
+    raise ValueError(f'unknown DiT config keys {unknown}; allowed: {list(FIELDS)}')
+  kw = {f: getattr(DiT, f) for f in FIELDS} | dict(model_kwargs)
+  if kw['dtype'] not in layers.DTYPES:
+    raise ValueError(f"model.dtype={kw['dtype']!r}; allowed: {sorted(layers.DTYPES)}")
+  _check_positive(kw)
+  _check_shapes(kw, resolution)
