@@ -62,6 +62,10 @@ def test_sample_and_eval_commands(smoke_run, tmp_path):
   grid = np.asarray(Image.open(out))
   # Two columns (labels 3 and 7) and three rows of 16x16 images with 1-pixel borders.
   assert grid.shape == (3 * 17 + 1, 2 * 17 + 1)
+  for sampler in ('dpmpp_2m', 'heun'):
+    zoo('sample', '--workdir', str(smoke_run), '--num', '2', '--label', '5', '--steps', '3',
+        '--sampler', sampler, '--out', str(tmp_path / f'{sampler}.png'), '--upscale', '1')
+    assert np.asarray(Image.open(tmp_path / f'{sampler}.png')).shape == (2 * 17 + 1, 17 + 1)
   proc = zoo('eval', '--workdir', str(smoke_run))
   assert 'val/eval_loss' in proc.stdout
   assert (smoke_run / 'eval_metrics.jsonl').exists()

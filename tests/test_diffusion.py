@@ -186,7 +186,7 @@ def test_sample_rejects_unknown_names():
   sched = diffusion.Schedule.create('linear', T)
   args = (lambda x, t: x, sched, jnp.zeros((1, 2)), jax.random.key(0))
   with pytest.raises(ValueError, match='ddim'):
-    diffusion.sample(*args, sampler='euler')
+    diffusion.sample(*args, sampler='plms')
   with pytest.raises(ValueError, match='epsilon'):
     diffusion.sample(*args, prediction_type='score')
 

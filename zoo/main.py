@@ -21,7 +21,8 @@ def _parser():
   sample.add_argument('--workdir', required=True)
   sample.add_argument('--num', type=int, default=16)
   sample.add_argument('--out', default='samples.png')
-  sample.add_argument('--sampler', default=None, help='ddpm or ddim (default: the experiment\'s)')
+  sample.add_argument('--sampler', default=None,
+                      help='ddpm, ddim, dpmpp_2m, euler or heun (default: the experiment\'s)')
   sample.add_argument('--steps', type=int, default=None)
   sample.add_argument('--guidance', type=float, default=None)
   sample.add_argument('--label', type=int, action='append', default=None,

@@ -1,37 +1,55 @@
-"""Reverse-process samplers (DDPM, DDIM) over respaced timesteps, and classifier-free guidance.
+"""Reverse-process samplers (DDPM, DDIM, and the ODE solvers of `solvers`), and CFG.
 
 Legend: B batch; x has shape (B, ...); t_B int32 timesteps (B,); S sampling steps.
-A model_fn is `model_fn(x_t, t_B) -> prediction` in the model's prediction type.
+A model_fn is `model_fn(x_t, t_B) -> prediction` in the model's prediction type; the
+solvers 'dpmpp_2m', 'euler' and 'heun' may call it with float timesteps.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.diffusion import objectives
+from zoo.diffusion import objectives, solvers
 
-SAMPLERS = ('ddpm', 'ddim')
+SAMPLERS = ('ddpm', 'ddim') + solvers.SOLVERS
+TIMESTEP_SPACINGS = ('linspace', 'leading', 'trailing')
 
 
-def timesteps_for(num_timesteps, steps):
-  """Returns `steps` ascending, distinct timesteps (int32 numpy) evenly spread over [0, T).
+def timesteps_for(num_timesteps, steps, spacing='linspace'):
+  """Returns `steps` ascending, distinct timesteps (int32 numpy) spread over [0, T).
 
-  iDDPM-style respacing: round(linspace(0, T-1, S)), so steps == T is exactly the full
-  chain and every S >= 2 starts sampling at t = T-1. S == 1 uses [T-1], the noisiest
-  step, since a single step must start from noise.
+  'linspace' is iDDPM-style respacing, round(linspace(0, T-1, S)): steps == T is exactly
+  the full chain and every S >= 2 starts sampling at t = T-1; S == 1 uses [T-1], the
+  noisiest step, since a single step must start from noise. 'leading' is k·(T // S) for
+  k < S (diffusers with steps_offset=0; never reaches T-1), 'trailing' is
+  round(T - k·T/S) - 1 (always starts at T-1). All three are diffusers' `timestep_spacing`.
   """
+  if spacing not in TIMESTEP_SPACINGS:
+    raise ValueError(f'Unknown timestep_spacing={spacing!r}; allowed: {TIMESTEP_SPACINGS}.')
   if int(steps) != steps or not 1 <= steps <= num_timesteps:
     raise ValueError(f'steps={steps!r} must be an integer in [1, {num_timesteps}].')
+  steps = int(steps)
+  if spacing == 'leading':
+    return (np.arange(steps) * (num_timesteps // steps)).astype(np.int32)
+  if spacing == 'trailing':
+    # diffusers' arange(T, 0, -T/S) can yield S+1 entries for some S; this is exactly S.
+    ts = np.round(num_timesteps - np.arange(steps) * (num_timesteps / steps)) - 1
+    return ts[::-1].astype(np.int32)
   if steps == 1:
     return np.array([num_timesteps - 1], np.int32)
   # Spacing >= 1 before rounding, so rounding cannot merge two timesteps.
-  return np.round(np.linspace(0, num_timesteps - 1, int(steps))).astype(np.int32)
+  return np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int32)
 
 
-def _validate(sampler, prediction_type):
+def _validate(sampler, prediction_type, timestep_spacing):
   if sampler not in SAMPLERS:
     raise ValueError(f'Unknown sampler={sampler!r}; allowed: {SAMPLERS}.')
   objectives.check_prediction_type(prediction_type)
+  if sampler in solvers.SOLVERS and timestep_spacing != 'linspace':
+    raise ValueError(
+      f'timestep_spacing={timestep_spacing!r} applies to ddpm/ddim only; sampler={sampler!r} '
+      "takes 'linspace' (its σ come from `karras`)."
+    )
 
 
 def _ddim_step(x, x0, eps, ab_t, ab_prev, eta, z):
@@ -71,17 +89,34 @@ def sample(
   eta=0.0,
   prediction_type='epsilon',
   clip_x0=True,
+  timestep_spacing='linspace',
+  karras=True,
 ):
   """Runs the reverse chain from x_T to x_0 in one `lax.scan` over the respaced timesteps.
 
-  Jittable with `model_fn`, `sampler`, `steps`, `prediction_type` and `clip_x0` static;
-  T comes from the schedule's array shape. `eta` applies to DDIM only. The last step
-  uses ᾱ_prev = 1, so it lands on the predicted x0. With `clip_x0`, the predicted x0 is
-  clipped to [-1, 1] and ε is recomputed from it (as in ADM) so both stay consistent.
-  Step i draws its noise from fold_in(rng, i): keys do not depend on `steps`.
+  Jittable with `model_fn`, `sampler`, `steps`, `prediction_type`, `clip_x0`,
+  `timestep_spacing` and `karras` static; T comes from the schedule's array shape. `eta`
+  applies to DDIM only, `timestep_spacing` (see `timesteps_for`) to DDPM/DDIM only. The
+  last step uses ᾱ_prev = 1, so it lands on the predicted x0. With `clip_x0`, the
+  predicted x0 is clipped to [-1, 1] and ε is recomputed from it (as in ADM) so both stay
+  consistent. Step i draws its noise from fold_in(rng, i): keys do not depend on `steps`.
+  'dpmpp_2m', 'euler' and 'heun' are deterministic ODE solvers (`rng` and `eta` unused) on
+  Karras σ, or on the table σ with `karras=False`; see `solvers.solve` (Heun: 2S-1 calls).
   """
-  _validate(sampler, prediction_type)
-  ts = timesteps_for(sched.num_timesteps, steps)[::-1]
+  _validate(sampler, prediction_type, timestep_spacing)
+  if sampler in solvers.SOLVERS:
+    timesteps_for(sched.num_timesteps, steps)  # Same validation of `steps` for every sampler.
+    return solvers.solve(
+      model_fn,
+      sched,
+      x_T,
+      solver=sampler,
+      steps=steps,
+      prediction_type=prediction_type,
+      clip_x0=clip_x0,
+      karras=karras,
+    )
+  ts = timesteps_for(sched.num_timesteps, steps, timestep_spacing)[::-1]
   prev_ts = np.append(ts[1:], -1)
   ab_S = sched.alphas_cumprod[ts]
   ab_prev_S = jnp.where(prev_ts >= 0, sched.alphas_cumprod[np.maximum(prev_ts, 0)], 1.0)
