@@ -13,6 +13,7 @@ from diffusers import UNet2DModel  # noqa: E402
 from diffusers.models.attention_processor import (  # noqa: E402
     Attention as TorchAttention, AttnAddedKVProcessor, AttnProcessor)
 
+from zoo.convert import diffusers as convert  # noqa: E402
 from zoo.models import unet  # noqa: E402
 from zoo.nn import layers  # noqa: E402
 
@@ -20,35 +21,9 @@ torch.set_num_threads(2)
 
 
 def torch_to_zoo(state_dict) -> dict:
-  """Renames and transposes a diffusers state dict into a zoo params tree.
-
-  `a.0.b` -> `a_0/b`; conv OIHW -> HWIO; linear W -> W.T; norm weight -> scale;
-  class_embedding weight -> embedding.
-  """
-  params = {}
-  for key, value in state_dict.items():
-    *modules, leaf = key.split('.')
-    path = []
-    for part in modules:
-      if part.isdigit():
-        path[-1] = f'{path[-1]}_{part}'
-      else:
-        path.append(part)
-    w = value.detach().cpu().numpy()
-    if leaf == 'weight':
-      if w.ndim == 4:
-        leaf, w = 'kernel', w.transpose(2, 3, 1, 0)
-      elif path[-1] == 'class_embedding':
-        leaf = 'embedding'
-      elif w.ndim == 2:
-        leaf, w = 'kernel', w.T
-      else:
-        leaf = 'scale'
-    node = params
-    for part in path:
-      node = node.setdefault(part, {})
-    node[leaf] = jnp.asarray(w)
-  return params
+  """zoo params (jnp arrays) from a torch module's state dict, through zoo.convert."""
+  numpy_dict = {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
+  return jax.tree.map(jnp.asarray, convert.state_dict_to_params(numpy_dict))
 
 
 def _randomize(module: torch.nn.Module, seed: int):

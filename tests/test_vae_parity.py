@@ -11,36 +11,16 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL as TorchAutoencoderKL  # noqa: E402
 from flax.core import meta  # noqa: E402
 
+from zoo.convert import diffusers as convert  # noqa: E402
 from zoo.models import vae  # noqa: E402
 
 torch.set_num_threads(2)
 
 
 def torch_to_zoo(state_dict) -> dict:
-  """Renames and transposes a diffusers AutoencoderKL state dict into a zoo params tree.
-
-  `a.0.b` -> `a_0/b` (so `to_out.0` -> `to_out_0`); conv OIHW -> HWIO; linear W -> W.T;
-  norm weight -> scale.
-  """
-  params = {}
-  for key, value in state_dict.items():
-    *modules, leaf = key.split('.')
-    path = []
-    for part in modules:
-      if part.isdigit():
-        path[-1] = f'{path[-1]}_{part}'
-      else:
-        path.append(part)
-    w = value.detach().cpu().numpy()
-    if leaf == 'weight' and w.ndim == 4:
-      leaf, w = 'kernel', w.transpose(2, 3, 1, 0)
-    elif leaf == 'weight':
-      leaf, w = ('kernel', w.T) if w.ndim == 2 else ('scale', w)
-    node = params
-    for part in path:
-      node = node.setdefault(part, {})
-    node[leaf] = jnp.asarray(w)
-  return params
+  """zoo params (jnp arrays) from a torch module's state dict, through zoo.convert."""
+  numpy_dict = {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
+  return jax.tree.map(jnp.asarray, convert.state_dict_to_params(numpy_dict))
 
 
 def _flat_shapes(tree):

@@ -1,0 +1,1 @@
+"""Public PyTorch checkpoints (as name -> array dicts, e.g. from safetensors) to zoo params."""

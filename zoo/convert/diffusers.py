@@ -1,0 +1,46 @@
+"""diffusers state dicts -> zoo params, by the mechanical rules of NUMERICS.md 4.6.
+
+Names: `down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/kernel` (an
+integer joins the module before it, so `to_out.0` -> `to_out_0`). Values: conv OIHW -> HWIO,
+linear W -> W.T, norm `weight` -> `scale`, embedding tables `weight` -> `embedding`. The input is
+`{name: numpy array}`, as `safetensors.numpy.load_file` returns it: nothing is unpickled.
+"""
+
+import numpy as np
+
+# Modules whose 2-D `weight` is a lookup table, not a linear map.
+EMBEDDINGS = ('class_embedding', 'embedding_table')
+
+
+def convert_key(key, value):
+  """(zoo path tuple, converted value) for one diffusers parameter."""
+  *modules, leaf = key.split('.')
+  path = []
+  for part in modules:
+    if part.isdigit() and path:
+      path[-1] = f'{path[-1]}_{part}'
+    else:
+      path.append(part)
+  value = np.asarray(value)
+  if leaf == 'weight':
+    if value.ndim == 4:
+      leaf, value = 'kernel', value.transpose(2, 3, 1, 0)
+    elif value.ndim == 2 and path[-1] in EMBEDDINGS:
+      leaf = 'embedding'
+    elif value.ndim == 2:
+      leaf, value = 'kernel', value.T
+    else:
+      leaf = 'scale'
+  return (*path, leaf), value
+
+
+def state_dict_to_params(state_dict):
+  """A nested zoo params dict from a flat diffusers `{name: array}` state dict."""
+  params = {}
+  for key, value in state_dict.items():
+    path, value = convert_key(key, value)
+    node = params
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return params
