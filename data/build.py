@@ -2,9 +2,10 @@
 
 For example `python -m data.build shapes --config res64` (the procedural shapes dataset).
 
-The `tfds build` CLI imports TensorFlow at start-up, which zoo does not install; this is
-the supported way to prepare builtins ahead of a run (the pipeline also builds them on
-first use). Without --config every config of the dataset is built.
+This needs only zoo's own dependencies; `tfds build data/shapes --file_format array_record`
+does the same but needs the `tfds` extra (the tfds CLI imports TensorFlow, Beam and
+Croissant at start-up). The pipeline also builds builtins on first use. Without --config
+every config of the dataset is built.
 """
 
 import argparse

@@ -28,6 +28,8 @@ from data.shapes import score as score_lib
 from data.shapes import shapes_dataset_builder as builder_lib
 from data.shapes import show
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 SIZES = dict(num_train=40, num_validation=8, num_test=24, num_held_out=16)
@@ -72,6 +74,29 @@ def test_rebuilds_are_byte_identical_across_processes_and_workers(built, tmp_pat
   assert _files(parallel) == want
   other_process = builder_lib.Builder(config=built.builder_config, data_dir=str(tmp_path / 'sub'))
   assert _files(other_process) == want
+
+
+def test_tfds_cli_build_writes_the_python_build_bytes(tmp_path):
+  """`tfds build data/shapes` (the `tfds` extra) gives what the Python path gives, readable."""
+  tfds_cli = os.path.join(os.path.dirname(sys.executable), 'tfds')
+  args = [tfds_cli, 'build', os.path.join(REPO, 'data', 'shapes'), '--config', 'tinysingle32',
+          '--data_dir', str(tmp_path / 'cli'), '--file_format', 'array_record']
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  subprocess.run(args, check=True, capture_output=True, env=env, cwd=str(tmp_path))
+  by_cli = builder_lib.Builder(config='tinysingle32', data_dir=str(tmp_path / 'cli'))
+  by_python = builder_lib.Builder(config='tinysingle32', data_dir=str(tmp_path / 'py'))
+  by_python.download_and_prepare(file_format='array_record')
+  files = _files(by_cli)
+  assert sum(k.endswith('-of-00001') for k in files) == len(generate.SPLITS)
+  assert {k: v for k, v in files.items() if 'array_record' in k} == {
+      k: v for k, v in _files(by_python).items() if 'array_record' in k}
+  data_cfg = ml_collections.ConfigDict(dict(
+      name='shapes', data_dir=str(tmp_path / 'cli'), resolution=32, image_key='image',
+      label_key='shape_colour', builder_config='tinysingle32', train_split='train',
+      eval_split='validation', features=()))
+  batch = next(iter(pipeline.get_dataset(data_cfg, split='validation', seed=0,
+                                         global_batch_size=8)))
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['label'].max() < 64
 
 
 def test_examples_do_not_depend_on_generation_order_or_split_sizes():
@@ -171,7 +196,25 @@ def test_masks_depth_and_pose_agree_with_the_pixels(split):
     sizes = [grammar.SIZES.index(s) for s in objs['size']]
     best = min(range(len(sizes)), key=lambda k: (-sizes[k], objs['depth'][k]))
     assert example['label'] == grammar.SHAPES.index(objs['shape'][best])
+    name = f"{objs['colour'][best]} {objs['shape'][best]}"
+    assert grammar.SHAPE_COLOURS[example['shape_colour']] == name
     assert sorted(objs['depth_order']) == list(range(len(sizes)))
+
+
+def test_single_object_config_draws_one_object_on_plain_grey():
+  config = builder_lib.Builder.builder_configs['single32']
+  spec = dataclasses.replace(config.spec(), sizes=(40, 0, 0, 20))
+  for split in ('train', 'held_out'):
+    for i in range(spec.size(split)):
+      example = generate.make_example(spec, split, i)
+      assert len(example['objects']['shape']) == 1 and example['background'] == 'plain'
+      assert not example['pose_visibility'].any() and example['word'] == ''
+      background = example['image'][example['instance_mask'] == 0]
+      assert (background == background[0]).all()  # One flat grey.
+  with pytest.raises(ValueError, match='max_objects=0'):
+    dataclasses.replace(config, name='bad', max_objects=0).spec()
+  with pytest.raises(ValueError, match="backgrounds=.*'dots'"):
+    builder_lib.ShapesConfig(name='bad', backgrounds=('dots',))
 
 
 def test_held_out_split_holds_out_its_compositions():

@@ -100,7 +100,8 @@ def make_example(spec: GenSpec, split: str, index: int) -> dict:
     lang = language(spec, split, index, scene)
   else:
     lang = language(spec, split, donor, make_scene(spec, split, donor))
-  return {'image': layers.image, 'label': scene.label(), **lang,
+  return {'image': layers.image, 'label': scene.label(), 'shape_colour': scene.shape_colour(),
+          **lang,
           'language_swapped': donor is not None, **_scene_features(scene, layers)}
 
 

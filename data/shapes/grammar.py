@@ -20,6 +20,8 @@ COLOURS = {
     'cyan': (30, 210, 220), 'pink': (240, 80, 200),
 }
 COLOUR_NAMES = tuple(COLOURS)
+# Class names of the (shape, colour) label: shape-major, 'red circle', 'green circle', ...
+SHAPE_COLOURS = tuple(f'{c} {s}' for s in SHAPES for c in COLOUR_NAMES)
 SIZES = ('small', 'medium', 'large')
 SIZE_RADIUS = {'small': 0.1, 'medium': 0.14, 'large': 0.19}
 BACKGROUNDS = ('plain', 'stripes', 'checker')
@@ -124,19 +126,29 @@ class Scene:
     """Index into SHAPES of the subject's shape."""
     return SHAPES.index(self.subject().shape)
 
+  def shape_colour(self) -> int:
+    """Index into SHAPE_COLOURS of the subject's (shape, colour)."""
+    subject = self.subject()
+    return SHAPES.index(subject.shape) * len(COLOUR_NAMES) + COLOUR_NAMES.index(subject.colour)
+
 
 @dataclasses.dataclass(frozen=True)
 class SceneSpec:
-  """What scenes may contain: allowed shapes and colours, person and sign probabilities."""
+  """What scenes may contain: shapes, colours, backgrounds, object count, person and sign odds."""
 
   shapes: tuple[str, ...] = SHAPES
   colours: tuple[str, ...] = COLOUR_NAMES
   p_person: float = 0.4
   p_sign: float = 0.4
+  max_objects: int = MAX_OBJECTS
+  backgrounds: tuple[str, ...] = BACKGROUNDS
 
   def __post_init__(self):
     check_names('shapes', self.shapes, SHAPES)
     check_names('colours', self.colours, COLOUR_NAMES)
+    check_names('backgrounds', self.backgrounds, BACKGROUNDS)
+    if not 1 <= self.max_objects <= MAX_OBJECTS:
+      raise ValueError(f'max_objects={self.max_objects} must be in [1, {MAX_OBJECTS}].')
     for key in ('p_person', 'p_sign'):
       if not 0.0 <= getattr(self, key) <= 1.0:
         raise ValueError(f'{key}={getattr(self, key)} must be in [0, 1].')

@@ -34,8 +34,8 @@ def _attributes(rng: np.random.Generator, spec: grammar.SceneSpec, n: int, held_
   return [(s, c, grammar.SIZES[rng.integers(len(grammar.SIZES))]) for s, c in chosen]
 
 
-def _background(rng: np.random.Generator) -> grammar.Background:
-  kind = grammar.BACKGROUNDS[rng.integers(len(grammar.BACKGROUNDS))]
+def _background(rng: np.random.Generator, kinds: tuple[str, ...]) -> grammar.Background:
+  kind = kinds[rng.integers(len(kinds))]
   lo, hi = grammar.GREY_RANGE
   a = int(rng.integers(lo, hi + 1))
   contrasting = [g for g in range(lo, hi + 1) if abs(g - a) >= 25]
@@ -85,9 +85,9 @@ def sample_scene(rng: np.random.Generator, spec: grammar.SceneSpec, *, held_out:
   If placement keeps failing, the sign, then the person, then the last object are
   dropped; a lone object always fits, so this terminates.
   """
-  n = int(rng.integers(1, grammar.MAX_OBJECTS + 1))
+  n = int(rng.integers(1, spec.max_objects + 1))
   attrs = _attributes(rng, spec, n, held_out)
-  bg = _background(rng)
+  bg = _background(rng, spec.backgrounds)
   has_person = bool(rng.random() < spec.p_person)
   word = grammar.WORDS[rng.integers(len(grammar.WORDS))] if rng.random() < spec.p_sign else None
   while True:

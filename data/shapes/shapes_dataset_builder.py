@@ -2,13 +2,17 @@
 
 Splits: train, validation, test and held_out (compositions in grammar.HELD_OUT_PAIRS,
 never shown by the other three). Configs res32/res64/res128/res256 hold 10,000 / 1,000 /
-1,000 / 1,000 examples, tiny32/tiny64 512 / 64 / 64 / 64 for smoke runs and tests. A custom
+1,000 / 1,000 examples, tiny32/tiny64 512 / 64 / 64 / 64 for smoke runs and tests;
+single32/single64 (and tinysingle32) draw one object on a plain background, for
+class-conditional generation by the 64-way 'shape_colour' label. A custom
 `ShapesConfig(name=..., resolution=..., num_train=...)` changes sizes, seed, caption noise,
 or the allowed shapes and colours.
 
-Build with `python -m data.build shapes --config res64` (the `tfds build` CLI imports
-TensorFlow, which zoo does not install). Records are re-serialised with sorted map keys,
-so a rebuild with the same config writes byte-identical files.
+Build with `python -m data.build shapes --config res64`, or with
+`tfds build data/shapes --config res64 --file_format array_record` after
+`pip install -e '.[tfds]'` (the tfds CLI imports TensorFlow; zoo never does). Records are
+re-serialised with sorted map keys, so a rebuild with the same config writes byte-identical
+files, whichever of the two paths builds them.
 """
 
 import dataclasses
@@ -48,13 +52,16 @@ class ShapesConfig(tfds.core.BuilderConfig):
   colours: tuple[str, ...] = grammar.COLOUR_NAMES
   p_person: float = 0.4
   p_sign: float = 0.4
+  max_objects: int = grammar.MAX_OBJECTS
+  backgrounds: tuple[str, ...] = grammar.BACKGROUNDS
 
   def __post_init__(self):
     self.spec()  # Raises ValueError for bad arguments before anything is built.
 
   def spec(self) -> generate.GenSpec:
     """The generator's spec for this config."""
-    scene = grammar.SceneSpec(tuple(self.shapes), tuple(self.colours), self.p_person, self.p_sign)
+    scene = grammar.SceneSpec(tuple(self.shapes), tuple(self.colours), self.p_person, self.p_sign,
+                              self.max_objects, tuple(self.backgrounds))
     sizes = (self.num_train, self.num_validation, self.num_test, self.num_held_out)
     return generate.GenSpec(self.resolution, sizes, self.seed, self.caption_noise, scene)
 
@@ -72,6 +79,8 @@ def features(r: int) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
       'image': tfds.features.Image(shape=(r, r, 3)),
       'label': label(names=grammar.SHAPES, doc='Shape of the largest (then nearest) object.'),
+      'shape_colour': label(names=grammar.SHAPE_COLOURS,
+                            doc='Colour and shape of the same object (64 classes).'),
       'captions': texts,
       'questions': texts,
       'answers': texts,
@@ -125,8 +134,9 @@ def default_workers() -> int:
 class Builder(tfds.core.GeneratorBasedBuilder):
   """DatasetBuilder for the procedural shapes scenes."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': "'shape_colour' label; single-object configs."}
   BUILDER_CONFIGS = [
       ShapesConfig(name=f'res{r}', description=f'{r}x{r} RGB scenes.', resolution=r)
       for r in RESOLUTIONS
@@ -134,6 +144,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       ShapesConfig(name=f'tiny{r}', description=f'{r}x{r}, 512/64/64/64 examples: for smoke runs.',
                    resolution=r, num_train=512, num_validation=64, num_test=64, num_held_out=64)
       for r in (32, 64)
+  ] + [
+      ShapesConfig(name=f'single{r}', description=f'{r}x{r}, one object on a plain background: '
+                   "class-conditional generation by 'shape_colour'.", resolution=r, max_objects=1,
+                   backgrounds=('plain',), p_person=0.0, p_sign=0.0)
+      for r in (32, 64)
+  ] + [
+      ShapesConfig(name='tinysingle32', description='single32 with 512/64/64/64 examples.',
+                   resolution=32, num_train=512, num_validation=64, num_test=64, num_held_out=64,
+                   max_objects=1, backgrounds=('plain',), p_person=0.0, p_sign=0.0)
   ]
   DEFAULT_CONFIG_NAME = 'res64'
 
