@@ -26,6 +26,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from data import captions
 from data import extra_features
 from data.digits import digits_dataset_builder
 from data.shapes import shapes_dataset_builder
@@ -102,6 +103,8 @@ def check_config(data_cfg) -> None:
     if not data_cfg[key]:
       raise ValueError(f'data.{key} must be non-empty.')
   extra_features.check_names(data_cfg.features, data_cfg.image_key, data_cfg.label_key)
+  if 'text' in data_cfg:
+    captions.check_config(data_cfg.text)
   if name in BUILTINS and data_cfg.features:
     # Instantiating a builder reads no data and writes nothing; it only describes features.
     builder = BUILTINS[name](data_dir=resolve_data_dir(data_cfg.data_dir),
@@ -192,9 +195,15 @@ def preprocess(example: dict[str, Any], *, image_key: str, label_key: str, resol
   return out
 
 
-def _read_batch(indices_L: np.ndarray, *, source: _Source, **preprocess_kw) -> dict[str, np.ndarray]:
-  examples = [preprocess(ex, **preprocess_kw) for ex in source.read(indices_L)]
-  return {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+def _read_batch(k: int, indices_L: np.ndarray, *, source: _Source, text: 'captions.Captions | None',
+                **preprocess_kw) -> dict[str, np.ndarray]:
+  """Batch k (its global index) of examples `indices_L`, preprocessed and stacked."""
+  raw = source.read(indices_L)
+  examples = [preprocess(ex, **preprocess_kw) for ex in raw]
+  batch = {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
+  if text is not None:
+    batch |= text.tokens(raw, indices_L, k)
+  return batch
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -290,6 +299,10 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
   extras = tuple(extra_features.plan(
       builder.info.features, data_cfg.features, image_key=data_cfg.image_key,
       resolution=data_cfg.resolution, dataset=builder.info.full_name))
+  text = None
+  if 'text' in data_cfg:
+    _check_feature(builder, data_cfg.text.caption_key, 'text.caption_key')
+    text = captions.Captions(data_cfg.text, seed)
   image_shape = builder.info.features[data_cfg.image_key].shape
   channels = image_shape[-1] if len(image_shape) == 3 else 1
   source = _Source(builder, split)
@@ -306,8 +319,8 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
     num_batches = n // global_batch_size
     if num_batches == 0:
       raise ValueError(f'{split!r} of {data_cfg.name!r} has {n} examples, fewer than global_batch_size={global_batch_size}.')
-  ds = ds[process_index::process_count].map(functools.partial(
-      _read_batch, source=source, image_key=data_cfg.image_key,
+  ds = ds[process_index::process_count].map_with_index(functools.partial(
+      _read_batch, source=source, text=text, image_key=data_cfg.image_key,
       label_key=data_cfg.label_key, resolution=data_cfg.resolution, extras=extras))
 
   r = data_cfg.resolution
@@ -316,4 +329,6 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
     spec['label'] = ((local,), np.dtype(np.int32))
   for extra in extras:
     spec[extra.name] = ((local, *extra.shape), extra.dtype)
+  if text is not None:
+    spec |= text.spec(local)
   return Batches(ds, spec, num_batches, prefetch)

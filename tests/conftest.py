@@ -33,3 +33,40 @@ def zoo_data_dir(tmp_path_factory):
     os.environ.pop('ZOO_DATA_DIR', None)
   else:
     os.environ['ZOO_DATA_DIR'] = old
+
+
+def random_params(module, *args, seed=0, **kwargs):
+  """Params with the init's structure, filled from numpy (XLA-compiling the init is slow on CPU)."""
+  import math
+  import flax.linen as nn
+  import jax.numpy as jnp
+  import numpy as np
+  shapes = nn.unbox(jax.eval_shape(
+      lambda: module.init(jax.random.key(0), *args, **kwargs)))['params']
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name == 'kernel':
+      w = rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))
+    elif name == 'scale':
+      w = 1.0 + 0.1 * rng.standard_normal(s.shape)
+    else:
+      w = 0.1 * rng.standard_normal(s.shape)
+    return jnp.asarray(w, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def fast_jit(fn, *args):
+  """jit and compile for these args with XLA's backend optimisation off (halves CPU compile)."""
+  return jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 0})
+
+
+def perturbed(params, seed=1):
+  """Params plus N(0, 0.1) noise, so zero-initialised layers (adaLN-Zero, outputs) matter."""
+  import numpy as np
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_unflatten(
+      tree, [x + 0.1 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves])

@@ -4,13 +4,15 @@ import jax
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
-import flax.linen as nn  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
-from zoo.models import dit  # noqa: E402
-from zoo.nn import layers  # noqa: E402
+from zoo.models import dit
+from zoo.nn import layers
+
+from conftest import perturbed
 
 # DiT-XL/2's repo prints 675,129,632 = these 674,834,720 trainable params + the frozen
 # 256x1152 pos_embed buffer (294,912), which zoo computes instead of storing.
@@ -27,12 +29,6 @@ def _init(model, **kwargs):
   return nn.unbox(model.init(jax.random.key(0), _x(model), T_B, **kwargs))['params']
 
 
-def _perturbed(params, seed=1):
-  """Init params plus N(0, 0.1) noise, so the zero-initialised adaLN/final layers matter."""
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_unflatten(
-      tree, [x + 0.1 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves])
 
 
 @pytest.fixture(scope='module')
@@ -68,9 +64,9 @@ def test_zero_and_scaled_initialisers(tiny):
 
 @pytest.mark.parametrize('learn_sigma,patch,out_c', [(True, 4, 6), (False, 2, 3)])
 def test_output_shapes(learn_sigma, patch, out_c):
-  model = dit.DiT(**(dit.preset('tiny') | dict(in_channels=3, patch_size=patch,
-                                               learn_sigma=learn_sigma)))
-  params = _perturbed(_init(model))
+  model = dit.DiT(**(dit.preset('tiny') | {'in_channels': 3, 'patch_size': patch,
+                                               'learn_sigma': learn_sigma}))
+  params = perturbed(_init(model))
   out = model.apply({'params': params}, _x(model), T_B)
   assert out.shape == (2, 8, 8, out_c) and np.all(np.isfinite(out))
   assert float(np.abs(out).max()) > 0
@@ -85,7 +81,7 @@ def test_pinned_param_counts(name):
 
 def test_presets_follow_the_paper():
   assert len([n for n in dit.PRESETS if n.startswith('DiT-')]) == 12
-  assert dit.preset('DiT-L/4') == dict(depth=24, hidden_size=1024, num_heads=16, patch_size=4)
+  assert dit.preset('DiT-L/4') == {'depth': 24, 'hidden_size': 1024, 'num_heads': 16, 'patch_size': 4}
   assert dit.preset('DiT-B/8')['hidden_size'] == 768
   for name in dit.PRESETS:
     dit.check_config(dit.preset(name), None)
@@ -95,7 +91,7 @@ def test_presets_follow_the_paper():
 
 def test_null_class_is_the_default_label(tiny):
   model, params = tiny
-  params = _perturbed(params)
+  params = perturbed(params)
   apply = lambda labels: np.asarray(model.apply({'params': params}, _x(model), T_B,
                                                 labels_B=labels))
   null = apply(np.full((2,), 10))
@@ -116,8 +112,8 @@ def test_positions_are_fixed_not_params(tiny):
 
 
 def test_unconditional_and_scalar_t():
-  model = dit.DiT(**(dit.preset('tiny') | dict(num_classes=0)))
-  params = _perturbed(_init(model))
+  model = dit.DiT(**(dit.preset('tiny') | {'num_classes': 0}))
+  params = perturbed(_init(model))
   assert 'y_embedder' not in params
   out_scalar = model.apply({'params': params}, _x(model), 5.0)
   out_vec = model.apply({'params': params}, _x(model), np.array([5.0, 5.0], np.float32))
@@ -128,8 +124,8 @@ def test_unconditional_and_scalar_t():
 
 def test_bfloat16_compute_keeps_float32_params_and_output(tiny):
   _, params = tiny
-  model = dit.DiT(**(dit.preset('tiny') | dict(dtype='bfloat16')))
-  params = _perturbed(params)
+  model = dit.DiT(**(dit.preset('tiny') | {'dtype': 'bfloat16'}))
+  params = perturbed(params)
   out = model.apply({'params': params}, _x(model), T_B)
   ref = dit.DiT(**dit.preset('tiny')).apply({'params': params}, _x(model), T_B)
   assert out.dtype == jnp.float32
@@ -154,16 +150,19 @@ def test_call_errors(tiny):
 
 
 @pytest.mark.parametrize('overrides,resolution,match', [
-    (dict(input_size=10, patch_size=4), None, 'model.input_size=10 .* model.patch_size=4'),
-    (dict(hidden_size=30, num_heads=4), None, 'model.hidden_size=30 .* model.num_heads=4'),
-    (dict(hidden_size=18, num_heads=3), None, 'model.hidden_size=18 .* divisible by 4'),
-    (dict(), 16, 'resolution=16 .* model.input_size=8'),
-    (dict(dtype='float16'), None, "model.dtype='float16'; allowed"),
-    (dict(depth=0), None, 'model.depth=0'),
-    (dict(num_classes=-1), None, 'model.num_classes=-1'),
-    (dict(mlp_ratio=0.0), None, 'model.mlp_ratio=0.0'),
-    (dict(freq_shift=200.0), None, 'model.freq_shift=200.0'),
-    (dict(context_dim=8), None, 'unknown DiT config keys'),
+    ({'input_size': 10, 'patch_size': 4}, None, 'model.input_size=10 .* model.patch_size=4'),
+    ({'hidden_size': 30, 'num_heads': 4}, None, 'model.hidden_size=30 .* model.num_heads=4'),
+    ({'hidden_size': 18, 'num_heads': 3}, None, 'model.hidden_size=18 .* divisible by 4'),
+    ({}, 16, 'resolution=16 .* model.input_size=8'),
+    ({'dtype': 'float16'}, None, "model.dtype='float16'; allowed"),
+    ({'depth': 0}, None, 'model.depth=0'),
+    ({'num_classes': -1}, None, 'model.num_classes=-1'),
+    ({'mlp_ratio': 0.0}, None, 'model.mlp_ratio=0.0'),
+    ({'freq_shift': 200.0}, None, 'model.freq_shift=200.0'),
+    ({'cross_dim': 8}, None, 'unknown DiT config keys'),
+    ({'context_dim': -1}, None, 'model.context_dim=-1'),
+    ({'pooled_dim': -2}, None, 'model.pooled_dim=-2'),
+    ({'norm_eps': 0.0}, None, 'model.norm_eps=0.0'),
 ])
 def test_check_config_errors(overrides, resolution, match):
   with pytest.raises(ValueError, match=match):

@@ -1,16 +1,17 @@
-"""Numerical parity of zoo's DiT with diffusers' DiTTransformer2DModel on copied weights."""
+"""Parity of zoo's DiT with diffusers' DiTTransformer2DModel through zoo.convert.dit."""
 
 import jax
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from diffusers import DiTTransformer2DModel  # noqa: E402
-from diffusers.models.embeddings import get_2d_sincos_pos_embed  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-from zoo.models import dit  # noqa: E402
+from zoo.convert import dit as convert_dit
+from zoo.models import dit
 
 torch.set_num_threads(2)
 
@@ -40,39 +41,9 @@ def _torch_model(seed=0):
   return model
 
 
-def _linear(sd, prefix):
-  return {'kernel': jnp.asarray(sd[prefix + '.weight'].T),
-          'bias': jnp.asarray(sd[prefix + '.bias'])}
-
-
-def diffusers_to_zoo(state_dict, depth) -> dict:
-  """zoo DiT params from a diffusers DiTTransformer2DModel state dict (fp32 numpy copies).
-
-  Conv OIHW -> HWIO, linear W -> W.T, to_q/to_k/to_v concatenated into the fused `qkv`, and
-  the block-0 embedders become the single t_embedder / y_embedder.
-  """
-  sd = {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
-  params = {
-      'x_embedder': {'proj': {'kernel': jnp.asarray(sd['pos_embed.proj.weight'].transpose(
-          2, 3, 1, 0)), 'bias': jnp.asarray(sd['pos_embed.proj.bias'])}},
-      't_embedder': {'mlp_0': _linear(sd, EMB + 'timestep_embedder.linear_1'),
-                     'mlp_2': _linear(sd, EMB + 'timestep_embedder.linear_2')},
-      'y_embedder': {'embedding_table': {'embedding': jnp.asarray(
-          sd[EMB + 'class_embedder.embedding_table.weight'])}},
-      'final_layer': {'adaLN_modulation_1': _linear(sd, 'proj_out_1'),
-                      'linear': _linear(sd, 'proj_out_2')},
-  }
-  for i in range(depth):
-    pre = f'transformer_blocks.{i}.'
-    qkv = [_linear(sd, f'{pre}attn1.to_{n}') for n in 'qkv']
-    params[f'blocks_{i}'] = {
-        'adaLN_modulation_1': _linear(sd, pre + 'norm1.linear'),
-        'attn': {'qkv': {'kernel': jnp.concatenate([q['kernel'] for q in qkv], axis=1),
-                         'bias': jnp.concatenate([q['bias'] for q in qkv])},
-                 'proj': _linear(sd, pre + 'attn1.to_out.0')},
-        'mlp': {'fc1': _linear(sd, pre + 'ff.net.0.proj'), 'fc2': _linear(sd, pre + 'ff.net.2')},
-    }
-  return params
+def _numpy_state_dict(torch_model):
+  """What safetensors.numpy.load_file gives for the model's saved safetensors."""
+  return {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
 
 
 def test_positions_match_diffusers():
@@ -82,7 +53,7 @@ def test_positions_match_diffusers():
 
 def _run_both(t_B):
   torch_model = _torch_model()
-  params = diffusers_to_zoo(torch_model.state_dict(), TINY['depth'])
+  params = convert_dit.from_diffusers(_numpy_state_dict(torch_model), TINY)
   rng = np.random.default_rng(0)
   x_BxHxWxC = rng.standard_normal((len(t_B), 8, 8, 4)).astype(np.float32)
   labels_B = np.array([3, 10, 0])[:len(t_B)]  # 10 = the null class.
@@ -92,7 +63,7 @@ def _run_both(t_B):
                       return_dict=False)[0].numpy().transpose(0, 2, 3, 1)
 
   def zoo(freq_shift):
-    model = dit.DiT(**(TINY | dict(freq_shift=freq_shift)))
+    model = dit.DiT(**(TINY | {'freq_shift': freq_shift}))
     return np.asarray(model.apply({'params': params}, x_BxHxWxC, t_B, labels_B=labels_B))
 
   return zoo, ref
@@ -117,3 +88,59 @@ def test_dit_matches_diffusers_at_large_t():
   scale = np.abs(ref).max()
   assert scale > 1.0
   assert np.abs(zoo(DIFFUSERS_FREQ_SHIFT) - ref).max() <= 1e-4 * scale
+
+
+def _flat(params):
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_facebook_names_round_trip_exactly():
+  """diffusers -> zoo (parity-tested above) -> facebookresearch/DiT names -> zoo, bit-exact."""
+  params = convert_dit.from_diffusers(_numpy_state_dict(_torch_model()), TINY)
+  state = convert_dit.to_facebook(params)
+  assert state['blocks.1.attn.qkv.weight'].shape == (96, 32)
+  assert state['x_embedder.proj.weight'].shape == (32, 4, 2, 2)  # OIHW, as torch stores it.
+  assert 't_embedder.mlp.2.bias' in state and 'final_layer.adaLN_modulation.1.weight' in state
+  grid = TINY['input_size'] // TINY['patch_size']
+  state['pos_embed'] = dit.sincos_pos_embed(TINY['hidden_size'], grid)[None]
+  back = _flat(convert_dit.from_facebook(state, TINY))
+  want = _flat(params)
+  assert back.keys() == want.keys()
+  for key, value in want.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize('edit,match', [
+    (lambda sd: sd.pop('transformer_blocks.1.attn1.to_k.weight'),
+     "lacks diffusers key 'transformer_blocks.1.attn1.to_k.weight'"),
+    (lambda sd: sd.pop('transformer_blocks.1.ff.net.2.bias'),
+     r"lacks keys \['transformer_blocks.1.ff.net.2.bias'\]"),
+    (lambda sd: sd.update({'transformer_blocks.0.norm2.weight': np.ones(32, np.float32)}),
+     "'transformer_blocks.0.norm2.weight' is not a DiTTransformer2DModel parameter"),
+    (lambda sd: sd['transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias'].__iadd__(1),
+     "'transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias' differs"),
+    (lambda sd: sd.update({'proj_out_2.bias': np.zeros(16, np.float32)}),
+     r"'proj_out_2.bias' has shape \(16,\)"),
+])
+def test_diffusers_converter_names_bad_keys(edit, match):
+  state = _numpy_state_dict(_torch_model())
+  edit(state)
+  with pytest.raises(ValueError, match=match):
+    convert_dit.from_diffusers(state, TINY)
+
+
+def test_facebook_converter_names_bad_keys():
+  params = convert_dit.from_diffusers(_numpy_state_dict(_torch_model()), TINY)
+  state = convert_dit.to_facebook(params)
+  with pytest.raises(ValueError, match=r"lacks keys \['y_embedder.embedding_table.weight'\]"):
+    convert_dit.from_facebook({k: v for k, v in state.items() if 'y_embedder' not in k}, TINY)
+  with pytest.raises(ValueError, match="'blocks.2.mlp.fc1.bias' is not used"):
+    convert_dit.from_facebook(state | {'blocks.2.mlp.fc1.bias': np.zeros(128)}, TINY)
+  with pytest.raises(ValueError, match='pos_embed is not the 2-D sin-cos table'):
+    convert_dit.from_facebook(state | {'pos_embed': np.zeros((1, 16, 32))}, TINY)
+  # Text conditioning is a zoo extension: its params round-trip by the same naming rule.
+  t2i = dit.preset('tiny-t2i')
+  missing = "lacks keys .*'blocks.0.cross_attn.q_linear.weight'"
+  with pytest.raises(ValueError, match=missing):
+    convert_dit.from_facebook({k: v for k, v in state.items() if 'y_embedder' not in k}, t2i)

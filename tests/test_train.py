@@ -69,6 +69,33 @@ def test_train_step_accumulation_equals_full_batch():
   assert np.any(np.asarray(full['params']['w']) != 1.0)
 
 
+def test_pass_step_hands_the_step_to_the_loss_and_frozen_params_stay():
+  def loss_fn(params, batch, rng, step):
+    gate = (step >= 3).astype(jnp.float32)  # A term that starts at step 3, as a late GAN.
+    loss = jnp.sum(params['a'] ** 2) + gate * jnp.sum(params['b'] ** 2) + jnp.sum(params['c'])
+    return loss, {'gate': gate}
+  cfg = smoke_config().optim
+  cfg.grad_clip_norm, cfg.weight_decay = 0.0, 0.0
+  tx, schedule = optim.make(cfg, 10, frozen=('c',))
+  params = {'a': jnp.ones((2,)), 'b': jnp.ones((2,)), 'c': jnp.ones((3,))}
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+           'ema_params': params}
+  step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
+                                   grad_accum=1, ema_decay=0.9, pass_step=True))
+  gates = []
+  for i in range(5):
+    state, m = step(state, {'x': jnp.zeros((1,))}, jax.random.PRNGKey(0))
+    gates.append(float(m['gate']))
+    if i < 3:  # No gradient reaches b before step 3.
+      np.testing.assert_array_equal(state['params']['b'], params['b'])
+  assert gates == [0.0, 0.0, 0.0, 1.0, 1.0]
+  assert float(jnp.abs(state['params']['b'] - 1).max()) > 0
+  np.testing.assert_array_equal(state['params']['c'], params['c'])  # Frozen despite its gradient.
+  assert float(jnp.abs(state['params']['a'] - 1).max()) > 0
+  moments = sum(x.size for x in jax.tree.leaves(state['opt_state']))
+  assert moments < 2 * 4 + 4  # Adam moments of a and b only (plus counts), none for c.
+
+
 def test_lr_schedule_warmup_and_decay():
   cfg = smoke_config('--config.optim.warmup_steps=10', '--config.optim.lr=1.0').optim
   sched = optim.lr_schedule(cfg, 110)

@@ -15,10 +15,13 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from zoo.models import unet  # noqa: E402
 from zoo.nn import layers  # noqa: E402
 
+from conftest import random_params, fast_jit
+
 # Computed once with diffusers 0.42.1 UNet2DModel for ddpm-cifar10 (tests/test_unet_parity.py
 # re-derives it); the others are zoo-only presets, pinned so size changes are deliberate.
-PINNED_PARAMS = {'tiny': 117_643, 'digits': 2_504_257, 'ddpm-cifar10': 35_746_307}
-RESOLUTION = {'tiny': 16, 'digits': 16, 'ddpm-cifar10': 32}
+PINNED_PARAMS = {'tiny': 117_643, 'digits': 2_504_257, 'ddpm-cifar10': 35_746_307,
+                 'tiny-t2i': 253_364, 'sd15': 859_520_964}
+RESOLUTION = {'tiny': 16, 'digits': 16, 'ddpm-cifar10': 32, 'tiny-t2i': 8, 'sd15': 64}
 T_B = np.array([0.0, 999.0], np.float32)
 
 
@@ -27,28 +30,8 @@ def _inputs(model, res=16, batch=2, seed=0):
       (batch, res, res, model.in_channels)).astype(np.float32)
 
 
-def _random_params(module, *args, seed=0, **kwargs):
-  """Params with the init's structure, filled from numpy (XLA-compiling the init is slow on CPU)."""
-  shapes = nn.unbox(jax.eval_shape(
-      lambda: module.init(jax.random.key(0), *args, **kwargs)))['params']
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = path[-1].key
-    if name == 'kernel':
-      w = rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))
-    elif name == 'scale':
-      w = 1.0 + 0.1 * rng.standard_normal(s.shape)
-    else:
-      w = 0.1 * rng.standard_normal(s.shape)
-    return jnp.asarray(w, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def _fast_jit(fn, *args):
-  """jit and compile for these args with XLA's backend optimisation off (halves CPU compile)."""
-  return jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 0})
 
 
 def _reference_embedding(t, dim, flip, shift, max_period=10000.0):
@@ -86,10 +69,11 @@ def test_timestep_embedding_matches_diffusers_formula(flip, shift, dim):
 def test_preset_shapes_and_pinned_param_counts(name):
   model = unet.UNet(**unet.preset(name))
   x = jnp.zeros((2, RESOLUTION[name], RESOLUTION[name], model.in_channels))
-  variables = jax.eval_shape(model.init, jax.random.key(0), x, T_B)
+  ctx = dict(context_BxLxD=jnp.zeros((2, 7, model.context_dim))) if model.context_dim else {}
+  variables = jax.eval_shape(model.init, jax.random.key(0), x, T_B, **ctx)
   assert set(variables) == {'params'}
   assert layers.param_count(variables['params']) == PINNED_PARAMS[name]
-  out = jax.eval_shape(model.apply, variables, x, T_B)
+  out = jax.eval_shape(model.apply, variables, x, T_B, **ctx)
   assert out.shape == x.shape[:3] + (model.out_channels,) and out.dtype == jnp.float32
   unet.check_config(unet.preset(name), RESOLUTION[name])
 
@@ -112,7 +96,7 @@ def conditioned():
   model = unet.UNet(**COND_KWARGS)
   x = np.repeat(_inputs(model, batch=1), 3, axis=0)
   ctx = np.random.default_rng(1).standard_normal((3, 5, 6)).astype(np.float32)
-  params = _random_params(model, x, 0.0, labels_B=jnp.zeros((3,), jnp.int32), context_BxLxD=ctx)
+  params = random_params(model, x, 0.0, labels_B=jnp.zeros((3,), jnp.int32), context_BxLxD=ctx)
 
   def outputs(p, c):
     apply = lambda *args, **kw: model.apply({'params': p}, x, *args, context_BxLxD=c, **kw)
@@ -121,7 +105,7 @@ def conditioned():
             apply(999.0, labels_B=jnp.array([3, 0, 3])),
             apply(jnp.asarray(COND_T), train=True, rngs={'dropout': jax.random.key(0)}))
 
-  run = _fast_jit(outputs, params, ctx)
+  run = fast_jit(outputs, params, ctx)
   return x, ctx, params, run, run(params, ctx)
 
 
@@ -173,7 +157,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(conditioned):
   model16 = unet.UNet(**(COND_KWARGS | dict(dtype='bfloat16')))
   boxed = jax.eval_shape(model16.init, jax.random.key(0), x, COND_T, context_BxLxD=ctx)
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(boxed)} == {jnp.dtype('float32')}
-  out16 = _fast_jit(lambda p: model16.apply({'params': p}, x, COND_T, context_BxLxD=ctx),
+  out16 = fast_jit(lambda p: model16.apply({'params': p}, x, COND_T, context_BxLxD=ctx),
                     params)(params)
   assert out16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out16)))
   rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
@@ -220,14 +204,14 @@ def test_masked_context_tokens_are_ignored():
   rng = np.random.default_rng(2)
   x = rng.standard_normal((2, 3, 3, 8)).astype(np.float32)
   ctx = rng.standard_normal((2, 4, 6)).astype(np.float32)
-  variables = {'params': _random_params(attn, x, ctx)}
+  variables = {'params': random_params(attn, x, ctx)}
   mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], bool)
 
   def run(v):
     return (attn.apply(v, x, ctx, mask), attn.apply(v, x, ctx),
             attn.apply(v, x[:1], ctx[:1, :2]), attn.apply(v, x[1:], ctx[1:]))
 
-  masked, unmasked, first_truncated, second_full = _fast_jit(run, variables)(variables)
+  masked, unmasked, first_truncated, second_full = fast_jit(run, variables)(variables)
   np.testing.assert_allclose(masked[0], first_truncated[0], atol=1e-6)
   np.testing.assert_allclose(masked[1], second_full[0], atol=1e-6)
   assert float(jnp.abs(masked[0] - unmasked[0]).max()) > 1e-4
@@ -235,7 +219,7 @@ def test_masked_context_tokens_are_ignored():
 
 BAD_CONFIGS = [
     (dict(down_block_types=('DownBlock2D',)), 16, 'model.down_block_types has 1 entries'),
-    (dict(up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D')), 16, "allowed: \\['UpBlock2D'"),
+    (dict(up_block_types=('UpBlock2D', 'CrossAttnUp')), 16, "allowed: \\['UpBlock2D'"),
     (dict(down_block_types=('DownBlock2D', 'Attn')), 16, 'model.down_block_types'),
     (dict(block_out_channels=(16, 20)), 16, 'model.norm_num_groups=8'),
     (dict(attention_head_dim=7), 16, 'model.attention_head_dim=7'),
@@ -269,5 +253,6 @@ def test_preset_returns_copy_and_rejects_unknown():
   cfg = unet.preset('tiny')
   cfg['layers_per_block'] = 99
   assert unet.PRESETS['tiny'].get('layers_per_block') == 1
-  with pytest.raises(ValueError, match="allowed: \\['ddpm-cifar10', 'digits', 'tiny'\\]"):
+  with pytest.raises(ValueError,
+                     match="allowed: \\['ddpm-cifar10', 'digits', 'sd15', 'tiny', 'tiny-t2i'\\]"):
     unet.preset('huge')

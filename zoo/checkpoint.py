@@ -55,8 +55,12 @@ class Checkpointer:
     self._manager.close()
 
 
-def load_params(directory, abstract_params, *, use_ema=False):
-  """Params (or EMA params) of the latest checkpoint of another run, for `config.init_from`."""
+def load_params(directory, abstract_params, *, use_ema=False, subtree=''):
+  """Params (or EMA params) of the latest checkpoint of another run, for `config.init_from`.
+
+  With `subtree` only that top-level entry of the run's params is read (e.g. the 'vae' of a
+  VAE run, frozen inside a latent-diffusion run); `abstract_params` then describes it alone.
+  """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoint directory at {directory!r}')
@@ -68,14 +72,20 @@ def load_params(directory, abstract_params, *, use_ema=False):
   if step is None:
     raise FileNotFoundError(f'no finished checkpoint in {directory!r}')
   key = 'ema_params' if use_ema else 'params'
-  check_compatible(manager.item_metadata(step).state[key], abstract_params,
-                   f'{directory}/{step}/{key}')
-  item = {key: abstract_params}
+  stored = manager.item_metadata(step).state[key]
+  where = f'{directory}/{step}/{key}'
+  if subtree:
+    if subtree not in stored:
+      raise ValueError(f'checkpoint {where} has no {subtree!r} params; it has {sorted(stored)}')
+    stored, where = stored[subtree], f'{where}/{subtree}'
+  check_compatible(stored, abstract_params, where)
+  item = {key: {subtree: abstract_params} if subtree else abstract_params}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True)))
   manager.close()
-  return restored.state[key]
+  params = restored.state[key]
+  return params[subtree] if subtree else params
 
 
 def _manager(directory, options):

@@ -44,6 +44,8 @@ _SECTIONS = {
         'features': tuple,
     },
 }
+# Optional `config.data.text`: captions tokenized into `tokens` / `tokens_mask` batch arrays.
+_DATA_TEXT = {'caption_key': str, 'tokenizer': str, 'tokenizer_path': str, 'max_len': int}
 OPTIMIZERS = ('adamw', 'adam', 'sgd')
 LR_SCHEDULES = ('constant', 'cosine', 'linear')
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -159,7 +161,9 @@ def validate(config):
   check_keys(config, 'config', {k: _TOP[k] for k in config.keys()})
   for name, schema in _SECTIONS.items():
     if name in config:
-      check_keys(config[name], name, schema)
+      check_keys(config[name], name, schema | _optional_sections(config[name], name))
+  if 'text' in config.data:
+    check_keys(config.data.text, 'data.text', _DATA_TEXT)
   _check_train(config.train)
   check_choice(config.optim.name, OPTIMIZERS, 'config.optim.name')
   check_choice(config.optim.schedule, LR_SCHEDULES, 'config.optim.schedule')
@@ -168,6 +172,11 @@ def validate(config):
   tasks.check_config(config)
   evals.check_config(config)
   return config
+
+
+def _optional_sections(section, name):
+  """Sub-sections a section may have: `data.text` for text-conditioned tasks."""
+  return {'text': ConfigDict} if name == 'data' and 'text' in section else {}
 
 
 def _check_train(train):

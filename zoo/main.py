@@ -2,6 +2,7 @@
 
   zoo train  --config experiments/NAME.py[:key=value,...] --workdir DIR [--config.a.b=V ...]
   zoo sample --workdir DIR --num N --out grid.png [--sampler S --steps K --guidance G --label L --seed K]
+  zoo sample --workdir DIR --prompt "a red star." [--negative-prompt "..."] --num N --out grid.png
   zoo eval   --workdir DIR
 """
 
@@ -27,6 +28,10 @@ def _parser():
   sample.add_argument('--guidance', type=float, default=None)
   sample.add_argument('--label', type=int, action='append', default=None,
                       help='class id; repeat for several (default: all classes)')
+  sample.add_argument('--prompt', action='append', default=None,
+                      help='text-to-image models: a prompt; repeat for several (one row each)')
+  sample.add_argument('--negative-prompt', default=None,
+                      help="what guidance steers away from (default: the experiment's, usually '')")
   sample.add_argument('--seed', type=int, default=0)
   sample.add_argument('--upscale', type=int, default=4)
   evaluate = sub.add_parser('eval', help='run the experiment\'s evaluators on the latest checkpoint')
@@ -55,7 +60,8 @@ def main(argv=None):
     elif args.command == 'sample':
       runs.sample(args.workdir, args.out, num=args.num, labels=args.label, sampler=args.sampler,
                   steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                  upscale=args.upscale)
+                  upscale=args.upscale, prompts=args.prompt,
+                  negative_prompt=args.negative_prompt)
       print(args.out)
     else:
       print(json.dumps(runs.evaluate(args.workdir), indent=2))

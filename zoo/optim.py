@@ -1,5 +1,8 @@
 """The optax chain from `config.optim`: schedule, clipping, weight decay; plus the params EMA."""
 
+import functools
+
+from flax.core import meta
 import jax
 import optax
 
@@ -23,8 +26,12 @@ def lr_schedule(optim_config, total_steps):
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
-def make(optim_config, total_steps):
-  """(optax transformation, schedule) for an experiment's `config.optim` and step count."""
+def make(optim_config, total_steps, frozen=()):
+  """(optax transformation, schedule) for an experiment's `config.optim` and step count.
+
+  Top-level params entries named in `frozen` (a task's pretrained parts, e.g. the VAE of a
+  latent-diffusion run) get zero updates and no optimizer state.
+  """
   cfg = optim_config
   schedule = lr_schedule(cfg, total_steps)
   if cfg.name == 'adamw':
@@ -36,7 +43,18 @@ def make(optim_config, total_steps):
   else:
     raise ValueError(f'config.optim.name={cfg.name!r}; allowed: adamw, adam, sgd')
   parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
-  return optax.chain(*parts, core), schedule
+  tx = optax.chain(*parts, core)
+  if frozen:
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
+                               functools.partial(_labels, frozen=tuple(frozen)))
+  return tx, schedule
+
+
+def _labels(params, frozen):
+  # Boxed params (at init) are labelled per box, so frozen boxes become whole `MaskedNode`s.
+  boxed = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
+  return {k: jax.tree.map(lambda _, k=k: 'frozen' if k in frozen else 'train', v, is_leaf=boxed)
+          for k, v in params.items()}
 
 
 def ema_update(ema_params, params, decay):

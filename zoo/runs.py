@@ -55,13 +55,34 @@ def evaluate(workdir, step=None):
 
 
 def sample(workdir, out, *, num=16, labels=None, sampler=None, steps=None,
-           guidance_scale=None, seed=0, use_ema=True, upscale=4):
-  """Generates `num` images (of `labels`, cycled) from a run and writes a PNG grid to `out`."""
+           guidance_scale=None, seed=0, use_ema=True, upscale=4, prompts=None,
+           negative_prompt=None):
+  """Generates `num` images from a run and writes a PNG grid to `out`.
+
+  Class-conditional runs cycle through `labels` (default: every class), one column per
+  class; text-to-image runs draw `num` images per prompt, one row per prompt.
+  """
   config, s, state = load(workdir)
   params = state['ema_params' if use_ema else 'params']
   rng = jax.random.PRNGKey(seed)
   kwargs = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale)
-  if config.model.get('num_classes', 0):
+  if 'sample' not in s.task.predict:
+    raise ValueError(f'the {config.task.name!r} run in {workdir} does not generate images')
+  conditioning = s.task.conditioning
+  if conditioning != 'text' and (prompts or negative_prompt is not None):
+    raise ValueError(f'this model is not text-conditional ({conditioning}): --prompt and '
+                     '--negative-prompt do not apply')
+  if conditioning == 'text':
+    if labels:
+      raise ValueError('this model is text-conditional: use --prompt, not --label')
+    if not prompts:
+      raise ValueError('this model is text-conditional: pass --prompt "..." (repeatable)')
+    batch = [p for p in prompts for _ in range(num)]
+    negatives = None if negative_prompt is None else [negative_prompt] * len(batch)
+    images = s.task.predict['sample'](params, rng, prompts=batch, negative_prompts=negatives,
+                                      **kwargs)
+    ncols = num
+  elif conditioning == 'class':
     classes = labels if labels else list(range(config.model.num_classes))
     label_ids = np.resize(np.asarray(classes, np.int32), num)
     images = s.task.predict['sample'](params, rng, label_ids, **kwargs)

@@ -31,13 +31,16 @@ from zoo import tasks
 log = logging.getLogger('zoo')
 
 
-def train_step(state, batch, rng, *, loss_fn, tx, schedule, grad_accum, ema_decay):
+def train_step(state, batch, rng, *, loss_fn, tx, schedule, grad_accum, ema_decay,
+               pass_step=False):
   """One optimizer update: accumulated gradients, clipping (in `tx`), EMA; returns metrics.
 
   Randomness is `fold_in(rng, step)`, so a resumed run draws exactly what an uninterrupted
-  one would.
+  one would. With `pass_step` the loss also gets `step=` (e.g. a GAN term that starts late).
   """
   step_rng = jax.random.fold_in(rng, state['step'])
+  if pass_step:
+    loss_fn = functools.partial(loss_fn, step=state['step'])
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum == 1:
     (loss, aux), grads = grad_fn(state['params'], batch, step_rng)
@@ -110,7 +113,7 @@ def setup(config, batch_spec):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
   task = tasks.build(config)
-  tx, schedule = optim.make(config.optim, config.train.steps)
+  tx, schedule = optim.make(config.optim, config.train.steps, frozen=getattr(task, 'frozen', ()))
   batch_sh = sharding.batch_sharding(mesh)
   per_process = next(iter(batch_spec.values()))[0][0]
   abstract_batch = {
@@ -141,11 +144,18 @@ def _first_state(s, ckpt, data, rng):
     log.info('resumed from step %d', int(state['step']))
     return state
   state = s.init(rng)
+  params = state['params']
   if s.config.get('init_from', ''):
     params = checkpoint.load_params(os.path.join(s.config.init_from, 'checkpoints'),
                                     s.abstract_state['params'])
-    state = {**state, 'params': params, 'ema_params': jax.tree.map(jnp.copy, params)}
     log.info('initialised params from %s', s.config.init_from)
+  for key, source in getattr(s.task, 'pretrained', {}).items():
+    params = {**params, key: checkpoint.load_params(
+        os.path.join(source.workdir, 'checkpoints'), s.abstract_state['params'][key],
+        use_ema=source.use_ema, subtree=source.subtree)}
+    log.info('params[%r] from %s (%s)', key, source.workdir, source.subtree)
+  if params is not state['params']:
+    state = {**state, 'params': params, 'ema_params': jax.tree.map(jnp.copy, params)}
   return state
 
 
@@ -207,7 +217,8 @@ def train_and_evaluate(config, workdir):
   log.info('mesh %s; params %s', dict(s.mesh.shape), sharding.describe(state['params']))
   step_fn = jax.jit(
       functools.partial(train_step, loss_fn=s.task.loss, tx=s.tx, schedule=s.schedule,
-                        grad_accum=train_cfg.grad_accum, ema_decay=config.optim.ema_decay),
+                        grad_accum=train_cfg.grad_accum, ema_decay=config.optim.ema_decay,
+                        pass_step=getattr(s.task, 'loss_takes_step', False)),
       in_shardings=(s.state_shardings, s.batch_sharding, None),
       out_shardings=(s.state_shardings, None), donate_argnums=0)
   evaluators = evals.build(config, s.task, workdir)

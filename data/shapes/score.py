@@ -18,6 +18,9 @@ Objects, overlaps and joints with fewer than MIN_PIXELS expected visible pixels 
 judged. `score` returns each criterion's accuracy, the overall accuracy over all checks,
 the mean mask IoU and the mean keypoint error (distance from the pixel holding a visible
 joint to the nearest person-coloured pixel, in image widths).
+
+`judge_single` judges a one-object image (single32/single64) against a requested (shape,
+colour) without an example: its colour, and the shape that best explains that colour's pixels.
 """
 
 import numpy as np
@@ -171,3 +174,81 @@ def aggregate(scores: list[dict]) -> dict:
                  [e for s in scores for e in s['keypoint_errors']])
   del out['ious'], out['keypoint_errors']
   return dict(out, examples=len(scores))
+
+
+# Single-object judging (`judge_single`): each shape's centroid in units of its radius,
+# measured once on a fine render, turns a colour mask's centroid into the centre at
+# which that shape, at each of the dataset's sizes, would paint it; a sub-pixel search around
+# it absorbs aliasing. Sizes stay the discrete SIZE_RADIUS: with free radii small shapes are
+# ambiguous at 32x32 (a 5x5 block is a small square and also a circle of radius 2.9 pixels).
+_FIT_RESOLUTION = 512
+_FIT_SHIFTS = np.linspace(-0.5, 0.5, 7)  # Pixels.
+_FIT_RADII = np.array(sorted(grammar.SIZE_RADIUS.values()))
+
+
+def _unit_centroid(shape: str) -> tuple[float, float]:
+  """Centroid (u, v) of `shape`, in radii from its centre."""
+  mask = geometry.shape_mask(shape, 0.5, 0.5, 0.5, _FIT_RESOLUTION)
+  rows, cols = np.nonzero(mask)
+  scale = 0.5 * _FIT_RESOLUTION  # Pixels per radius.
+  return (((cols + 0.5).mean() - 0.5 * _FIT_RESOLUTION) / scale,
+          ((rows + 0.5).mean() - 0.5 * _FIT_RESOLUTION) / scale)
+
+
+_UNIT_CENTROIDS = {s: _unit_centroid(s) for s in geometry.SHAPES}
+
+
+def _best_fit(mask: np.ndarray, shape: str) -> float:
+  """Best IoU with `mask` of `shape` at each size, placed around the mask's centroid.
+
+  All K candidate placements are rasterised at once on a window that holds the mask and
+  every candidate, so each IoU is exact.
+  """
+  r = mask.shape[0]
+  cu, cv = _UNIT_CENTROIDS[shape]
+  rows, cols = np.nonzero(mask)
+  cx, cy = (cols + 0.5).mean() / r, (rows + 0.5).mean() / r
+  n = _FIT_SHIFTS.size
+  rad_K = np.repeat(_FIT_RADII, n * n)
+  x_K = cx - cu * rad_K + np.tile(np.repeat(_FIT_SHIFTS, n), _FIT_RADII.size) / r
+  y_K = cy - cv * rad_K + np.tile(_FIT_SHIFTS, n * _FIT_RADII.size) / r
+  reach = _FIT_RADII.max()
+  win_rows = geometry._window(min(rows.min() / r, y_K.min() - reach),
+                              max((rows.max() + 1) / r, y_K.max() + reach), r)
+  win_cols = geometry._window(min(cols.min() / r, x_K.min() - reach),
+                              max((cols.max() + 1) / r, x_K.max() + reach), r)
+  c = geometry.pixel_centres(r)
+  u_Kx1xW = (c[win_cols][None, None, :] - x_K[:, None, None]) / rad_K[:, None, None]
+  v_KxHx1 = (c[win_rows][None, :, None] - y_K[:, None, None]) / rad_K[:, None, None]
+  fit_KxHxW = geometry._in_unit_shape(shape, u_Kx1xW, v_KxHx1)
+  inter_K = (fit_KxHxW & mask[win_rows, win_cols]).sum(axis=(1, 2))
+  union_K = fit_KxHxW.sum(axis=(1, 2)) + rows.size - inter_K
+  return float((inter_K / union_K).max())
+
+
+def judge_single(image_RxRx3: np.ndarray, shape: str, colour: str) -> dict:
+  """Judges a one-object image against the requested (shape, colour), from its pixels alone.
+
+  The predicted colour is the most frequent palette colour among non-grey pixels (`classify`);
+  the predicted shape is the one whose render, at one of the dataset's three sizes and placed
+  at that colour's centroid (then searched over sub-pixel shifts), has the best IoU with it.
+  Returns {'colour': bool, 'shape': bool, 'predicted_colour': str, 'predicted_shape': str,
+  'iou': float}; an image without palette pixels predicts '' for both and fails both.
+  """
+  image = np.asarray(image_RxRx3)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[1:] != (image.shape[0], 3):
+    raise ValueError(f'image must be uint8 RxRx3, got {image.dtype} {image.shape}')
+  if shape not in grammar.SHAPES or colour not in grammar.COLOUR_NAMES:
+    raise ValueError(f'shape={shape!r} / colour={colour!r} must be one of {grammar.SHAPES} / '
+                     f'{grammar.COLOUR_NAMES}')
+  labels = classify(image)
+  counts = np.bincount(labels[labels >= 0], minlength=len(grammar.COLOUR_NAMES))
+  if not counts.any():
+    return dict(colour=False, shape=False, predicted_colour='', predicted_shape='', iou=0.0)
+  c = int(counts.argmax())
+  mask = labels == c
+  ious = {s: _best_fit(mask, s) for s in grammar.SHAPES}
+  predicted = max(ious, key=ious.get)
+  return dict(colour=grammar.COLOUR_NAMES[c] == colour, shape=predicted == shape,
+              predicted_colour=grammar.COLOUR_NAMES[c], predicted_shape=predicted,
+              iou=ious[predicted])

@@ -12,8 +12,8 @@ import numpy as np
 EMBEDDINGS = ('class_embedding', 'embedding_table')
 
 
-def convert_key(key, value):
-  """(zoo path tuple, converted value) for one diffusers parameter."""
+def convert_key(key, value, embeddings=EMBEDDINGS):
+  """(zoo path tuple, converted value) for one PyTorch parameter (`embeddings`: table names)."""
   *modules, leaf = key.split('.')
   path = []
   for part in modules:
@@ -25,7 +25,7 @@ def convert_key(key, value):
   if leaf == 'weight':
     if value.ndim == 4:
       leaf, value = 'kernel', value.transpose(2, 3, 1, 0)
-    elif value.ndim == 2 and path[-1] in EMBEDDINGS:
+    elif value.ndim == 2 and path[-1] in embeddings:
       leaf = 'embedding'
     elif value.ndim == 2:
       leaf, value = 'kernel', value.T
@@ -34,13 +34,17 @@ def convert_key(key, value):
   return (*path, leaf), value
 
 
-def state_dict_to_params(state_dict):
-  """A nested zoo params dict from a flat diffusers `{name: array}` state dict."""
+def nest(items):
+  """A nested params dict from (path tuple, value) pairs."""
   params = {}
-  for key, value in state_dict.items():
-    path, value = convert_key(key, value)
+  for path, value in items:
     node = params
     for part in path[:-1]:
       node = node.setdefault(part, {})
     node[path[-1]] = value
   return params
+
+
+def state_dict_to_params(state_dict):
+  """A nested zoo params dict from a flat diffusers `{name: array}` state dict."""
+  return nest(convert_key(key, value) for key, value in state_dict.items())

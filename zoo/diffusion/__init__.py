@@ -1,6 +1,16 @@
 """Diffusion as pure functions: schedules, forward process and losses, samplers, guidance."""
 
-from zoo.diffusion.objectives import PREDICTION_TYPES, loss, q_sample, target, to_eps_and_x0
+from zoo.diffusion.objectives import (
+  PREDICTION_TYPES,
+  ddpm_learned_variance_step,
+  discretized_gaussian_log_likelihood,
+  learned_range_variance,
+  loss,
+  q_sample,
+  target,
+  to_eps_and_x0,
+  vlb_loss,
+)
 from zoo.diffusion.samplers import (
   SAMPLERS,
   TIMESTEP_SPACINGS,
@@ -17,6 +27,9 @@ __all__ = [
   'TIMESTEP_SPACINGS',
   'Schedule',
   'classifier_free_guidance',
+  'ddpm_learned_variance_step',
+  'discretized_gaussian_log_likelihood',
+  'learned_range_variance',
   'loss',
   'make_betas',
   'q_sample',
@@ -24,4 +37,5 @@ __all__ = [
   'target',
   'timesteps_for',
   'to_eps_and_x0',
+  'vlb_loss',
 ]

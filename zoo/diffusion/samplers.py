@@ -91,6 +91,7 @@ def sample(
   clip_x0=True,
   timestep_spacing='linspace',
   karras=True,
+  learned_variance=False,
 ):
   """Runs the reverse chain from x_T to x_0 in one `lax.scan` over the respaced timesteps.
 
@@ -102,8 +103,16 @@ def sample(
   consistent. Step i draws its noise from fold_in(rng, i): keys do not depend on `steps`.
   'dpmpp_2m', 'euler' and 'heun' are deterministic ODE solvers (`rng` and `eta` unused) on
   Karras σ, or on the table σ with `karras=False`; see `solvers.solve` (Heun: 2S-1 calls).
+  With `learned_variance` the model returns [ε, v] (2C channels, iDDPM/DiT learned σ): DDPM
+  steps take their variance from v (`objectives.ddpm_learned_variance_step`), the other
+  samplers use ε alone.
   """
   _validate(sampler, prediction_type, timestep_spacing)
+  if learned_variance and prediction_type != 'epsilon':
+    raise ValueError(f'learned variance needs prediction_type="epsilon", not {prediction_type!r}')
+  channels = x_T.shape[-1]
+  if learned_variance and sampler != 'ddpm':
+    full_fn, model_fn = model_fn, lambda x, t: full_fn(x, t)[..., :channels]
   if sampler in solvers.SOLVERS:
     timesteps_for(sched.num_timesteps, steps)  # Same validation of `steps` for every sampler.
     return solvers.solve(
@@ -128,6 +137,9 @@ def sample(
   def body(x, inputs):
     i, t, ab_t, ab_prev = inputs
     pred = model_fn(x, t_B + t).astype(jnp.float32)
+    v = None
+    if learned_variance and sampler == 'ddpm':
+      pred, v = pred[..., :channels], pred[..., channels:]
     eps, x0 = objectives.to_eps_and_x0(prediction_type, sched, x, t_B + t, pred)
     if clip_x0:
       x0 = jnp.clip(x0, -1.0, 1.0)
@@ -137,6 +149,8 @@ def sample(
       if noisy
       else jnp.zeros_like(x)
     )
+    if v is not None:
+      return objectives.ddpm_learned_variance_step(x, x0, ab_t, ab_prev, v, z), None
     return step_fn(x, x0, eps, ab_t, ab_prev, eta, z), None
 
   inputs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), ab_S, ab_prev_S)

@@ -1,10 +1,15 @@
 """The evaluator registry: `config.evals.<name>.type` -> an evaluator with `run(state, step)`."""
 
 from zoo import config as zoo_config
-from zoo.evals import loss, sample_grid
+from zoo.evals import accuracy, adherence, fd, loss, reconstruction, sample_grid
 
 EVALUATORS = {
+    'accuracy': accuracy.Accuracy,
+    'adherence': adherence.Adherence,
+    'fd_zoo': fd.FDZoo,
     'loss': loss.EvalLoss,
+    'prompt_grid': sample_grid.PromptGrid,
+    'reconstruction': reconstruction.Reconstruction,
     'sample_grid': sample_grid.SampleGrid,
 }
 

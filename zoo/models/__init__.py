@@ -4,7 +4,9 @@ import dataclasses
 import typing
 
 from zoo import config as zoo_config
+from zoo.models import classifier
 from zoo.models import dit
+from zoo.models import text
 from zoo.models import unet
 from zoo.models import vae
 
@@ -16,9 +18,11 @@ class Entry(typing.NamedTuple):
 
 
 MODELS = {
+    'classifier': Entry(classifier.Classifier, classifier.check_config, classifier.preset),
     'unet': Entry(unet.UNet, unet.check_config, unet.preset),
     'dit': Entry(dit.DiT, dit.check_config, dit.preset),
     'vae': Entry(vae.AutoencoderKL, vae.check_config, vae.preset),
+    'text': Entry(text.TextTransformer, text.check_config, text.preset),
 }
 
 

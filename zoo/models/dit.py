@@ -4,17 +4,14 @@ Legend: B batch, H/W image height/width, C input channels, O output channels, G 
 (input_size // patch_size), N tokens (G*G), P patch side, D hidden size, A heads, K head width,
 F sinusoidal timestep width (256). Activations are NHWC at the edges, BxNxD inside.
 
-Parameter paths follow the facebookresearch/DiT `models.py` names, so an original checkpoint
-converts by renaming `a.0.b` -> `a_0/b`, transposing kernels (conv OIHW -> HWIO, linear
-W -> W.T), renaming `embedding_table.weight` -> `embedding_table/embedding` and dropping the
-frozen `pos_embed`:
+Parameter paths follow the facebookresearch/DiT `models.py` names (`a.0.b` -> `a_0/b`):
   x_embedder/proj, t_embedder/{mlp_0, mlp_2}, y_embedder/embedding_table,
   blocks_i/{attn/qkv, attn/proj, mlp/fc1, mlp/fc2, adaLN_modulation_1},
-  final_layer/{adaLN_modulation_1, linear}.
-A diffusers `DiTTransformer2DModel` converts too: its to_q/to_k/to_v concatenate (output axis)
-into `qkv`, and its per-block timestep/label embedders are copies of one (see
-tests/test_dit_parity.py). diffusers embeds timesteps with `downscale_freq_shift=1`, the
-original with 0: set `freq_shift` to match the checkpoint's origin.
+  final_layer/{adaLN_modulation_1, linear};
+text conditioning adds context_embedder, pooled_embedder/{linear_1, linear_2} and
+blocks_i/cross_attn/{q_linear, kv_linear, proj} (PixArt-alpha names). zoo.convert.dit reads
+original and diffusers `DiTTransformer2DModel` checkpoints. diffusers embeds timesteps with
+`downscale_freq_shift=1`, the original with 0: set `freq_shift` to match the checkpoint.
 
 With `learn_sigma` the output has 2*C channels: [..., :C] is the ε prediction and [..., C:]
 the iDDPM variance interpolation v. The diffusion task must take the first C channels as ε.
@@ -39,13 +36,15 @@ IMAGE_AXES = ('act_batch', None, None, None)
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    f'DiT-{size}/{patch}': dict(depth=depth, hidden_size=hidden, num_heads=heads,
-                                patch_size=patch)
+    f'DiT-{size}/{patch}': {'depth': depth, 'hidden_size': hidden, 'num_heads': heads,
+                            'patch_size': patch}
     for size, (depth, hidden, heads) in SIZES.items() for patch in (2, 4, 8)
 }
 # Test-sized: 8x8 latents, 16 tokens, two blocks of width 32, 51,168 params.
-PRESETS['tiny'] = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2,
-                       num_heads=4, num_classes=10)
+PRESETS['tiny'] = {'input_size': 8, 'patch_size': 2, 'in_channels': 4, 'hidden_size': 32,
+                   'depth': 2, 'num_heads': 4, 'num_classes': 10}
+# Test-sized text-to-image: tiny plus 32-wide token and pooled text inputs, no labels.
+PRESETS['tiny-t2i'] = PRESETS['tiny'] | {'num_classes': 0, 'context_dim': 32, 'pooled_dim': 32}
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -71,12 +70,12 @@ def _dense(features, axes, kernel_init, dtype, name):
                   name=name)
 
 
-def _layer_norm(x):
-  """LayerNorm without affine parameters (eps 1e-6), in float32 with a two-pass variance."""
+def _layer_norm(x, eps=LN_EPS):
+  """LayerNorm without affine parameters, in float32 with a two-pass variance."""
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + LN_EPS)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
 def _modulate(x_BxNxD, shift_BxD, scale_BxD):
@@ -134,23 +133,66 @@ class Mlp(nn.Module):
     return _dense(x_BxNxD.shape[-1], ('mlp', 'embed'), XAVIER, self.dtype, 'fc2')(h)
 
 
-class DiTBlock(nn.Module):
-  """x + gate * f(modulate(LN(x))) for f = attention, then MLP; shift/scale/gate from c."""
+class CrossAttention(nn.Module):
+  """PixArt-alpha `MultiHeadCrossAttention`: q_linear(x), kv_linear(ctx) -> attention -> proj.
+
+  `proj` is zero-initialised, so the sub-layer adds exactly nothing at init. Masked context
+  tokens (mask False) get zero weight; for an example with no visible token the sub-layer
+  returns zero (not a uniform average of padding plus the proj bias).
+  """
   num_heads: int
-  mlp_ratio: float
   dtype: Any
 
   @nn.compact
-  def __call__(self, x_BxNxD, c_BxD):
+  def __call__(self, x_BxNxD, ctx_BxLxD, mask_BxL):
+    batch, tokens, hidden = x_BxNxD.shape
+    head_dim = hidden // self.num_heads
+    q_BxNxAxK = _dense(hidden, ('embed', 'heads'), XAVIER, self.dtype, 'q_linear')(
+        x_BxNxD).reshape(batch, tokens, self.num_heads, head_dim)
+    kv_BxLx2D = _dense(2 * hidden, ('embed', 'heads'), XAVIER, self.dtype, 'kv_linear')(
+        ctx_BxLxD.astype(self.dtype))
+    k_BxLxAxK, v_BxLxAxK = kv_BxLx2D.reshape(
+        batch, -1, 2, self.num_heads, head_dim).transpose(2, 0, 1, 3, 4)
+    logits_BxAxNxL = jnp.einsum('bnak,blak->banl', q_BxNxAxK, k_BxLxAxK,
+                                preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    logits_BxAxNxL = jnp.where(mask_BxL[:, None, None, :], logits_BxAxNxL,
+                               jnp.finfo(jnp.float32).min)
+    probs_BxAxNxL = jax.nn.softmax(logits_BxAxNxL, axis=-1).astype(self.dtype)
+    out_BxNxAxK = jnp.einsum('banl,blak->bnak', probs_BxAxNxL, v_BxLxAxK)
+    out_BxNxD = _dense(hidden, ('heads', 'embed'), ZEROS, self.dtype, 'proj')(
+        out_BxNxAxK.reshape(batch, tokens, hidden))
+    # A fully masked row would softmax to a uniform average of padding: drop it instead.
+    return jnp.where(jnp.any(mask_BxL, axis=1)[:, None, None], out_BxNxD, 0)
+
+
+class DiTBlock(nn.Module):
+  """x + gate * f(modulate(LN(x))) for f = attention, then MLP; shift/scale/gate from c.
+
+  With `cross_attention`, x + cross_attn(LN(x), ctx) sits between the two (PixArt-alpha),
+  unmodulated and ungated; its LayerNorm has no affine parameters because it feeds only the
+  q projection, which absorbs any per-channel scale and shift.
+  """
+  num_heads: int
+  mlp_ratio: float
+  dtype: Any
+  norm_eps: float = LN_EPS
+  cross_attention: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxNxD, c_BxD, ctx_BxLxD=None, mask_BxL=None):
     hidden = x_BxNxD.shape[-1]
     mod_Bx6D = _dense(6 * hidden, ('embed', 'mlp'), ZEROS, self.dtype, 'adaLN_modulation_1')(
         nn.silu(c_BxD))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         m.astype(jnp.float32) for m in jnp.split(mod_Bx6D, 6, axis=-1))
-    h = _modulate(_layer_norm(x_BxNxD), shift_msa, scale_msa).astype(self.dtype)
+    h = _modulate(_layer_norm(x_BxNxD, self.norm_eps), shift_msa, scale_msa).astype(self.dtype)
     x_BxNxD = x_BxNxD + gate_msa[:, None, :] * SelfAttention(
         self.num_heads, self.dtype, name='attn')(h)
-    h = _modulate(_layer_norm(x_BxNxD), shift_mlp, scale_mlp).astype(self.dtype)
+    if self.cross_attention:
+      h = _layer_norm(x_BxNxD, self.norm_eps).astype(self.dtype)
+      x_BxNxD = x_BxNxD + CrossAttention(self.num_heads, self.dtype, name='cross_attn')(
+          h, ctx_BxLxD, mask_BxL).astype(jnp.float32)
+    h = _modulate(_layer_norm(x_BxNxD, self.norm_eps), shift_mlp, scale_mlp).astype(self.dtype)
     x_BxNxD = x_BxNxD + gate_mlp[:, None, :] * Mlp(
         int(hidden * self.mlp_ratio), self.dtype, name='mlp')(h)
     return x_BxNxD
@@ -160,13 +202,14 @@ class FinalLayer(nn.Module):
   """modulate(LN(x)) with a 2*D adaLN, then a zero-initialised linear to P*P*O per token."""
   out_features: int
   dtype: Any
+  norm_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x_BxNxD, c_BxD):
     mod_Bx2D = _dense(2 * x_BxNxD.shape[-1], ('embed', 'mlp'), ZEROS, self.dtype,
                       'adaLN_modulation_1')(nn.silu(c_BxD))
     shift_BxD, scale_BxD = jnp.split(mod_Bx2D.astype(jnp.float32), 2, axis=-1)
-    h = _modulate(_layer_norm(x_BxNxD), shift_BxD, scale_BxD).astype(self.dtype)
+    h = _modulate(_layer_norm(x_BxNxD, self.norm_eps), shift_BxD, scale_BxD).astype(self.dtype)
     return _dense(self.out_features, ('embed', None), ZEROS, self.dtype, 'linear')(h)
 
 
@@ -217,15 +260,36 @@ class LabelEmbedder(nn.Module):
                     name='embedding_table')(jnp.asarray(labels_B, jnp.int32))
 
 
+class PooledEmbedder(nn.Module):
+  """SD3 `text_embedder`: linear_1 -> SiLU -> linear_2 (weights N(0, 0.02), like t_embedder)."""
+  hidden_size: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, pooled_BxE):
+    h = _dense(self.hidden_size, (None, 'mlp'), NORMAL_002, self.dtype, 'linear_1')(pooled_BxE)
+    return _dense(self.hidden_size, ('mlp', 'embed'), NORMAL_002, self.dtype, 'linear_2')(
+        nn.silu(h))
+
+
 class DiT(nn.Module):
   """Class-conditional DiT over NHWC latents: patchify, adaLN-Zero blocks, unpatchify.
 
   `num_classes` > 0 adds a label table of num_classes + 1 rows; row `num_classes` is the null
   class, used when `labels_B` is None (classifier-free guidance; the task does label dropout).
   `num_classes` = 0 is unconditional. `freq_shift` is the timestep-embedding denominator shift:
-  0 = original DiT, 1 = diffusers `DiTTransformer2DModel`. Text conditioning (`context_BxLxD`)
-  is not implemented yet and raises. Params are float32; `dtype` is the compute dtype; the
-  output is float32. At init the output is exactly zero (adaLN-Zero).
+  0 = original DiT, 1 = diffusers `DiTTransformer2DModel`. `norm_eps` is every LayerNorm's
+  epsilon; `remat` recomputes each block in the backward pass (same values, less memory).
+
+  Text conditioning (either, both or neither):
+  - `context_dim` > 0: `context_BxLxD` (B x L x context_dim token features) is projected once to
+    hidden_size by the `context_embedder` Linear and read by a cross-attention sub-layer in
+    every block (see DiTBlock); `context_mask_BxL` (True = real token; default all True) hides
+    padding.
+  - `pooled_dim` > 0: `pooled_BxD` (B x pooled_dim) goes through `pooled_embedder` and is added
+    to c = t_emb + y_emb, so it steers every adaLN.
+  Params are float32; `dtype` is the compute dtype; the output is float32. At init the output
+  is exactly zero (adaLN-Zero; the cross-attention output projections are zero too).
   """
   input_size: int = 32
   patch_size: int = 2
@@ -237,14 +301,18 @@ class DiT(nn.Module):
   num_classes: int = 1000
   learn_sigma: bool = True
   freq_shift: float = 0.0
+  norm_eps: float = LN_EPS
+  remat: bool = False
+  context_dim: int = 0
+  pooled_dim: int = 0
   dtype: str = 'float32'
 
   @property
   def out_channels(self) -> int:
     return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
-  def _condition(self, t_B, labels_B, batch, dtype):
-    """c = t_emb + y_emb, BxD."""
+  def _condition(self, t_B, labels_B, pooled_BxE, batch, dtype):
+    """c = t_emb + y_emb (+ pooled_emb), BxD."""
     t_B = jnp.broadcast_to(jnp.asarray(t_B, jnp.float32), (batch,))
     c_BxD = TimestepEmbedder(self.hidden_size, self.freq_shift, dtype, name='t_embedder')(t_B)
     if self.num_classes > 0:
@@ -254,12 +322,22 @@ class DiT(nn.Module):
                                     name='y_embedder')(labels_B)
     elif labels_B is not None:
       raise ValueError('labels_B given but model.num_classes=0; set model.num_classes > 0')
+    if self.pooled_dim > 0:
+      c_BxD = c_BxD + PooledEmbedder(self.hidden_size, dtype, name='pooled_embedder')(
+          jnp.asarray(pooled_BxE, jnp.float32))
     return nn.with_logical_constraint(c_BxD, ('act_batch', 'act_emb'))
 
-  def _check_inputs(self, x_BxHxWxC, context_BxLxD):
+  def _check_inputs(self, x_BxHxWxC, context_BxLxD, context_mask_BxL, pooled_BxD):
     check_config(_fields(self), resolution=None)
-    if context_BxLxD is not None:
-      raise ValueError('DiT has no text conditioning yet: context_BxLxD must be None')
+    batch = x_BxHxWxC.shape[0]
+    _check_optional('context_BxLxD', context_BxLxD, 'context_dim', self.context_dim, batch)
+    _check_optional('pooled_BxD', pooled_BxD, 'pooled_dim', self.pooled_dim, batch)
+    if context_mask_BxL is not None:
+      if context_BxLxD is None:
+        raise ValueError('context_mask_BxL given without context_BxLxD')
+      if tuple(context_mask_BxL.shape) != tuple(context_BxLxD.shape[:2]):
+        raise ValueError(f'context_mask_BxL has shape {tuple(context_mask_BxL.shape)} but '
+                         f'context_BxLxD is {tuple(context_BxLxD.shape)}; want (B, L)')
     want = (self.input_size, self.input_size, self.in_channels)
     if tuple(x_BxHxWxC.shape[1:]) != want:
       raise ValueError(f'input is {tuple(x_BxHxWxC.shape[1:])} (HxWxC) but the model expects '
@@ -271,26 +349,43 @@ class DiT(nn.Module):
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(
         batch, grid * p, grid * p, self.out_channels)
 
+  def _context(self, context_BxLxD, context_mask_BxL, dtype):
+    """(context_embedder(ctx) BxLxD, bool mask BxL), or (None, None) without text tokens."""
+    if self.context_dim == 0:
+      return None, None
+    ctx_BxLxD = _dense(self.hidden_size, (None, 'embed'), XAVIER, dtype, 'context_embedder')(
+        jnp.asarray(context_BxLxD).astype(dtype))
+    if context_mask_BxL is None:
+      return ctx_BxLxD, jnp.ones(ctx_BxLxD.shape[:2], bool)
+    return ctx_BxLxD, jnp.asarray(context_mask_BxL).astype(bool)
+
   @nn.compact
-  def __call__(self, x_BxHxWxC, t_B, *, labels_B=None, context_BxLxD=None, train=False):
+  def __call__(self, x_BxHxWxC, t_B, *, labels_B=None, context_BxLxD=None,
+               context_mask_BxL=None, pooled_BxD=None, train=False):
     """Predicts a BxHxWxO float32 map (O = 2C with learn_sigma) from noisy latents and t_B.
 
-    t_B may be a scalar or a length-B vector, integer or continuous. `train` is accepted for
-    the task interface; DiT has no dropout.
+    t_B may be a scalar or a length-B vector, integer or continuous. An input the config does
+    not use, or one it needs but is not given, raises ValueError. `train` is accepted for the
+    task interface; DiT has no dropout.
     """
     del train
-    self._check_inputs(x_BxHxWxC, context_BxLxD)
+    self._check_inputs(x_BxHxWxC, context_BxLxD, context_mask_BxL, pooled_BxD)
     dtype, batch, p = layers.to_dtype(self.dtype), x_BxHxWxC.shape[0], self.patch_size
     x = nn.with_logical_constraint(x_BxHxWxC, IMAGE_AXES)
     h = PatchEmbed(self.hidden_size, p, dtype, name='x_embedder')(x)
     pos_NxD = sincos_pos_embed(self.hidden_size, self.input_size // p)
     # The residual stream stays float32 under bf16 compute; only block inputs are cast.
     h = h.reshape(batch, -1, self.hidden_size).astype(jnp.float32) + pos_NxD[None]
-    c_BxD = self._condition(t_B, labels_B, batch, dtype)
+    c_BxD = self._condition(t_B, labels_B, pooled_BxD, batch, dtype)
+    ctx_BxLxD, mask_BxL = self._context(context_BxLxD, context_mask_BxL, dtype)
+    # remat recomputes each block's activations in the backward pass; params keep their paths.
+    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
     for i in range(self.depth):
-      h = DiTBlock(self.num_heads, self.mlp_ratio, dtype, name=f'blocks_{i}')(h, c_BxD)
+      h = block_cls(self.num_heads, self.mlp_ratio, dtype, self.norm_eps, self.context_dim > 0,
+                    name=f'blocks_{i}')(h, c_BxD, ctx_BxLxD, mask_BxL)
       h = nn.with_logical_constraint(h, ACT_AXES)
-    out = FinalLayer(p * p * self.out_channels, dtype, name='final_layer')(h, c_BxD)
+    out = FinalLayer(p * p * self.out_channels, dtype, self.norm_eps, name='final_layer')(
+        h, c_BxD)
     out = self._unpatchify(out.astype(jnp.float32))
     return nn.with_logical_constraint(out, IMAGE_AXES)
 
@@ -303,6 +398,20 @@ def _fields(module: DiT) -> dict[str, Any]:
   return {f: getattr(module, f) for f in FIELDS}
 
 
+def _check_optional(arg, value, key, dim, batch):
+  """A `dim`-wide conditioning input must be given iff model.`key` > 0, shaped (B, ..., dim)."""
+  if value is None and dim > 0:
+    raise ValueError(f'{arg} is missing but model.{key}={dim} > 0 needs it')
+  if value is not None and dim == 0:
+    raise ValueError(f'{arg} given but model.{key}=0; set model.{key} to its width to use it')
+  if value is not None:
+    want_ndim = 3 if arg == 'context_BxLxD' else 2
+    shape = tuple(value.shape)
+    if len(shape) != want_ndim or shape[0] != batch or shape[-1] != dim:
+      raise ValueError(f'{arg} has shape {shape}; want {want_ndim} axes, batch {batch} and '
+                       f'width model.{key}={dim}')
+
+
 def _check_positive(kw):
   for key in ('input_size', 'patch_size', 'in_channels', 'hidden_size', 'depth', 'num_heads'):
     if kw[key] < 1:
@@ -311,6 +420,11 @@ def _check_positive(kw):
     raise ValueError(f"model.num_classes={kw['num_classes']} must be >= 0 (0 = unconditional)")
   if kw['mlp_ratio'] <= 0 or int(kw['hidden_size'] * kw['mlp_ratio']) < 1:
     raise ValueError(f"model.mlp_ratio={kw['mlp_ratio']} must be > 0 and give an MLP width >= 1")
+  for key in ('context_dim', 'pooled_dim'):
+    if kw[key] < 0:
+      raise ValueError(f'model.{key}={kw[key]} must be >= 0 (0 = no such input)')
+  if not kw['norm_eps'] > 0:
+    raise ValueError(f"model.norm_eps={kw['norm_eps']} must be > 0 (LayerNorm epsilon)")
   if not 0 <= kw['freq_shift'] < FREQ_DIM // 2:
     raise ValueError(f"model.freq_shift={kw['freq_shift']} must be in [0, {FREQ_DIM // 2}); "
                      '0 = original DiT, 1 = diffusers')

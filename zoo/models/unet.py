@@ -1,4 +1,4 @@
-"""Time-conditioned U-Net with diffusers `UNet2DModel` architecture and parameter names.
+"""Time-conditioned U-Net: diffusers `UNet2DModel` and `UNet2DConditionModel` (SD) architectures.
 
 Legend: B batch, H/W height/width, C channels, T time-embedding width (4 * block_out_channels[0]),
 L context length, D context width. Activations are NHWC.
@@ -7,20 +7,23 @@ Parameter paths follow diffusers' Flax naming (`down_blocks_0/resnets_0/conv1`,
 `mid_block/attentions_0/to_q`, `up_blocks_2/upsamplers_0/conv`, ...), so a PyTorch
 `UNet2DModel` state dict converts by renaming `x.0` -> `x_0`, transposing kernels
 (conv OIHW -> HWIO, linear W -> W.T) and renaming norm `weight` -> `scale`,
-embedding `weight` -> `embedding`.
+embedding `weight` -> `embedding`. Cross-attention blocks (`CrossAttnDownBlock2D`,
+`CrossAttnUpBlock2D`, `UNetMidBlock2DCrossAttn`) hold diffusers `Transformer2DModel`s under the
+same names (`down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k`, `.../ff/net_0/proj`),
+so a `UNet2DConditionModel` state dict converts by the same rules.
 """
 
 import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from zoo.nn import layers
 
-DOWN_BLOCK_TYPES = ('DownBlock2D', 'AttnDownBlock2D')
-UP_BLOCK_TYPES = ('UpBlock2D', 'AttnUpBlock2D')
+DOWN_BLOCK_TYPES = ('DownBlock2D', 'AttnDownBlock2D', 'CrossAttnDownBlock2D')
+UP_BLOCK_TYPES = ('UpBlock2D', 'AttnUpBlock2D', 'CrossAttnUpBlock2D')
+MID_BLOCK_TYPES = ('UNetMidBlock2D', 'UNetMidBlock2DCrossAttn')
 ACT_AXES = ('act_batch', None, None, 'act_emb')
 # Image-side tensors (3 or 4 channels) are never channel-sharded.
 IMAGE_AXES = ('act_batch', None, None, None)
@@ -46,6 +49,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         up_block_types=('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
         attention_head_dim=0, norm_num_groups=32, norm_eps=1e-6,
         flip_sin_to_cos=False, freq_shift=1.0, downsample_padding=0),
+    # Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5 unet/config.json; its
+    # `attention_head_dim: 8` is the head count). 859,520,964 params, as diffusers.
+    'sd15': dict(
+        in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2, down_block_types=('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',),
+        up_block_types=('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3,
+        mid_block_type='UNetMidBlock2DCrossAttn', num_attention_heads=8, context_dim=768,
+        norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0.0),
+    # Test-sized text-to-image: 4-channel 8x8 latents (or in_channels=3 at 32x32), context
+    # width 32, cross-attention (4 heads of 8) on the lower level and in the mid block; 253k.
+    'tiny-t2i': dict(
+        in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+        up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'),
+        mid_block_type='UNetMidBlock2DCrossAttn', num_attention_heads=4, context_dim=32,
+        norm_num_groups=8),
 }
 
 
@@ -134,21 +153,45 @@ class BlockSettings:
   context_dim: int
   downsample_padding: int
   dtype: Any
+  heads: int = 8  # Cross-attention (Transformer2D) heads.
+  transformer_layers: int = 1
+  use_linear_projection: bool = False
+  remat: bool = False
 
   def resnet(self, out_channels, name):
-    """A ResnetBlock with these settings."""
-    return ResnetBlock(out_channels, self.num_groups, self.eps, self.dropout, self.dtype,
-                       name=name)
+    """A ResnetBlock with these settings (rematerialised in the backward pass with `remat`)."""
+    # static_argnums counts `self`: argument 3 is the Python bool `train`.
+    cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+    return cls(out_channels, self.num_groups, self.eps, self.dropout, self.dtype, name=name)
 
   def attention(self, name):
     """A U-Net Attention block with these settings."""
-    return layers.Attention(head_dim=self.head_dim, num_groups=self.num_groups,
-                            epsilon=self.eps, context_dim=self.context_dim, dtype=self.dtype,
-                            name=name)
+    cls = nn.remat(layers.Attention) if self.remat else layers.Attention
+    return cls(head_dim=self.head_dim, num_groups=self.num_groups, epsilon=self.eps,
+               context_dim=self.context_dim, dtype=self.dtype, name=name)
+
+  def transformer(self, name):
+    """A cross-attention `Transformer2DModel` block with these settings."""
+    return layers.Transformer2D(self.heads, self.transformer_layers, self.num_groups,
+                                self.use_linear_projection, self.remat, self.dtype, name=name)
+
+  def attend(self, kind, name, h, context, context_mask):
+    """h through the block's attention: kind 'attn' (UNet2DModel), 'cross' or None (identity)."""
+    if kind == 'attn':
+      return self.attention(name)(h, context, context_mask)
+    if kind == 'cross':
+      return self.transformer(name)(h, context, context_mask)
+    return h
+
+
+def _kind(attention: bool, cross_attention: bool):
+  return 'cross' if cross_attention else 'attn' if attention else None
 
 
 class DownBlock(nn.Module):
-  """`DownBlock2D` / `AttnDownBlock2D`: resnets (+ attentions), then an optional downsampler.
+  """`DownBlock2D` / `AttnDownBlock2D` / `CrossAttnDownBlock2D`: resnets (+ attentions), downsample.
+
+  The downsampler is optional (not on the last level).
 
   Returns the output and the activations it contributes to the skip stack.
   """
@@ -157,14 +200,14 @@ class DownBlock(nn.Module):
   attention: bool
   downsample: bool
   s: BlockSettings
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, h, temb, context, train):
-    skips = []
+  def __call__(self, h, temb, context, train, context_mask=None):
+    skips, kind = [], _kind(self.attention, self.cross_attention)
     for j in range(self.num_layers):
       h = self.s.resnet(self.out_channels, f'resnets_{j}')(h, temb, train)
-      if self.attention:
-        h = self.s.attention(f'attentions_{j}')(h, context)
+      h = self.s.attend(kind, f'attentions_{j}', h, context, context_mask)
       skips.append(h)
     if self.downsample:
       h = Downsample(self.out_channels, self.s.downsample_padding, self.s.dtype,
@@ -174,7 +217,9 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-  """`UpBlock2D` / `AttnUpBlock2D`: per layer concat a skip, resnet (+ attention); then upsample.
+  """`UpBlock2D` / `AttnUpBlock2D` / `CrossAttnUpBlock2D`: skip concat, resnet (+ attention).
+
+  Per layer: concatenate a skip, resnet, attention (if any); then an optional upsampler.
 
   `skips` None concatenates nothing (the VAE decoder's `UpDecoderBlock2D`).
   """
@@ -183,36 +228,38 @@ class UpBlock(nn.Module):
   attention: bool
   upsample: bool
   s: BlockSettings
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, h, skips, temb, context, train):
+  def __call__(self, h, skips, temb, context, train, context_mask=None):
+    kind = _kind(self.attention, self.cross_attention)
     for j in range(self.num_layers):
       if skips is not None:
         h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
       h = self.s.resnet(self.out_channels, f'resnets_{j}')(h, temb, train)
-      if self.attention:
-        h = self.s.attention(f'attentions_{j}')(h, context)
+      h = self.s.attend(kind, f'attentions_{j}', h, context, context_mask)
     if self.upsample:
       h = Upsample(self.out_channels, self.s.dtype, name='upsamplers_0')(h)
     return h
 
 
 class MidBlock(nn.Module):
-  """`UNetMidBlock2D`: resnets_0, optional attentions_0, resnets_1."""
+  """`UNetMidBlock2D` / `UNetMidBlock2DCrossAttn`: resnets_0, optional attentions_0, resnets_1."""
   channels: int
   attention: bool
   s: BlockSettings
+  cross_attention: bool = False
 
   @nn.compact
-  def __call__(self, h, temb, context, train):
+  def __call__(self, h, temb, context, train, context_mask=None):
     h = self.s.resnet(self.channels, 'resnets_0')(h, temb, train)
-    if self.attention:
-      h = self.s.attention('attentions_0')(h, context)
+    h = self.s.attend(_kind(self.attention, self.cross_attention), 'attentions_0', h, context,
+                      context_mask)
     return self.s.resnet(self.channels, 'resnets_1')(h, temb, train)
 
 
 class UNet(nn.Module):
-  """Diffusers `UNet2DModel` (positional time embedding, optional class and text conditioning).
+  """Diffusers `UNet2DModel` / `UNet2DConditionModel` (time, optional class and text conditioning).
 
   `attention_head_dim` is channels per head as in UNet2DModel (heads = C // it); 0 or None
   means one head spanning all channels (the HF `null`). `downsample_padding` 1 = symmetric,
@@ -220,7 +267,15 @@ class UNet(nn.Module):
   `class_embedding` table of num_classes + 1 rows; row `num_classes` is the null class used
   when labels are omitted (classifier-free guidance). `context_dim` > 0 makes every attention
   block also attend to `context_BxLxD` (joint self+cross, diffusers added-KV style).
-  Output is float32 whatever the compute `dtype`.
+
+  Cross-attention blocks (`CrossAttn*` block types, `mid_block_type='UNetMidBlock2DCrossAttn'`)
+  are SD's `Transformer2DModel`s attending to `context_BxLxD` (width `context_dim`, diffusers'
+  `cross_attention_dim`) with `num_attention_heads` heads (SD1's config calls this
+  `attention_head_dim`), `transformer_layers_per_block` transformer blocks each and a 1x1-conv
+  (or, with `use_linear_projection`, linear) proj_in/proj_out. `context_mask_BxL` (True = real
+  token; diffusers' `encoder_attention_mask`) hides padded context tokens from every attention.
+  `remat` recomputes each resnet/attention/transformer block in the backward pass (same values,
+  less activation memory). Output is float32 whatever the compute `dtype`.
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -229,6 +284,7 @@ class UNet(nn.Module):
   down_block_types: tuple = ('DownBlock2D', 'AttnDownBlock2D', 'DownBlock2D', 'DownBlock2D')
   up_block_types: tuple = ('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D')
   mid_block_attention: bool = True
+  mid_block_type: str = 'UNetMidBlock2D'
   attention_head_dim: int | None = 8
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
@@ -238,12 +294,18 @@ class UNet(nn.Module):
   downsample_padding: int = 1
   num_classes: int = 0
   context_dim: int = 0
+  num_attention_heads: int = 8
+  transformer_layers_per_block: int = 1
+  use_linear_projection: bool = False
+  remat: bool = False
   dtype: str = 'float32'
 
   def _settings(self):
     return BlockSettings(self.norm_num_groups, self.norm_eps, self.dropout,
                          self.attention_head_dim or 0, self.context_dim,
-                         self.downsample_padding, layers.to_dtype(self.dtype))
+                         self.downsample_padding, layers.to_dtype(self.dtype),
+                         self.num_attention_heads, self.transformer_layers_per_block,
+                         self.use_linear_projection, self.remat)
 
   def _embed(self, t_B, labels_B, batch):
     """Time (+ class) embedding BxT."""
@@ -265,8 +327,10 @@ class UNet(nn.Module):
       raise ValueError('labels_B given but model.num_classes=0; set model.num_classes > 0')
     return nn.with_logical_constraint(temb_BxT, ('act_batch', 'act_emb'))
 
-  def _check_inputs(self, x_BxHxWxC, context_BxLxD):
+  def _check_inputs(self, x_BxHxWxC, context_BxLxD, context_mask_BxL, pooled_BxD):
     check_config(_fields(self), resolution=None)
+    if pooled_BxD is not None:
+      raise ValueError('UNet has no pooled-text path: pooled_BxD must be None')
     for axis, size in (('height', x_BxHxWxC.shape[1]), ('width', x_BxHxWxC.shape[2])):
       _check_resolution(size, len(self.block_out_channels), f'input {axis}')
     if x_BxHxWxC.shape[-1] != self.in_channels:
@@ -275,15 +339,25 @@ class UNet(nn.Module):
     if (context_BxLxD is not None) != (self.context_dim > 0):
       raise ValueError(f'model.context_dim={self.context_dim}: pass context_BxLxD iff it is > 0 '
                        f'(got {"None" if context_BxLxD is None else "a context"})')
+    if context_BxLxD is not None and context_BxLxD.shape[-1] != self.context_dim:
+      raise ValueError(f'context_BxLxD has width {context_BxLxD.shape[-1]} but '
+                       f'model.context_dim={self.context_dim}')
+    if context_mask_BxL is not None and (
+        context_BxLxD is None or tuple(context_mask_BxL.shape) != context_BxLxD.shape[:2]):
+      raise ValueError(f'context_mask_BxL must be None or shaped like context_BxLxD[:2]; got '
+                       f'{tuple(context_mask_BxL.shape)} with context '
+                       f'{None if context_BxLxD is None else context_BxLxD.shape}')
 
   @nn.compact
-  def __call__(self, x_BxHxWxC, t_B, *, labels_B=None, context_BxLxD=None, train=False):
+  def __call__(self, x_BxHxWxC, t_B, *, labels_B=None, context_BxLxD=None,
+               context_mask_BxL=None, pooled_BxD=None, train=False):
     """Predicts a BxHxWx`out_channels` float32 map from a noisy input and timesteps t_B.
 
     t_B may be a scalar or a length-B vector, integer or continuous. Dropout draws from the
     'dropout' rng only when `train` is True.
     """
-    self._check_inputs(x_BxHxWxC, context_BxLxD)
+    self._check_inputs(x_BxHxWxC, context_BxLxD, context_mask_BxL, pooled_BxD)
+    ctx = (context_BxLxD, context_mask_BxL)
     s, levels = self._settings(), len(self.block_out_channels)
     temb = self._embed(t_B, labels_B, x_BxHxWxC.shape[0])
     h = nn.with_logical_constraint(x_BxHxWxC, IMAGE_AXES)
@@ -292,15 +366,17 @@ class UNet(nn.Module):
     skips = [h]
     for i, (kind, ch) in enumerate(zip(self.down_block_types, self.block_out_channels)):
       h, new_skips = DownBlock(ch, self.layers_per_block, kind == 'AttnDownBlock2D',
-                               i < levels - 1, s, name=f'down_blocks_{i}')(
-                                   h, temb, context_BxLxD, train)
+                               i < levels - 1, s, kind == 'CrossAttnDownBlock2D',
+                               name=f'down_blocks_{i}')(h, temb, ctx[0], train, ctx[1])
       skips += new_skips
       h = nn.with_logical_constraint(h, ACT_AXES)
-    h = MidBlock(self.block_out_channels[-1], self.mid_block_attention, s, name='mid_block')(
-        h, temb, context_BxLxD, train)
+    mid_cross = self.mid_block_type == 'UNetMidBlock2DCrossAttn'
+    h = MidBlock(self.block_out_channels[-1], self.mid_block_attention and not mid_cross, s,
+                 mid_cross, name='mid_block')(h, temb, ctx[0], train, ctx[1])
     for i, (kind, ch) in enumerate(zip(self.up_block_types, self.block_out_channels[::-1])):
       h = UpBlock(ch, self.layers_per_block + 1, kind == 'AttnUpBlock2D', i < levels - 1, s,
-                  name=f'up_blocks_{i}')(h, skips, temb, context_BxLxD, train)
+                  kind == 'CrossAttnUpBlock2D', name=f'up_blocks_{i}')(
+                      h, skips, temb, ctx[0], train, ctx[1])
       h = nn.with_logical_constraint(h, ACT_AXES)
     h = nn.silu(layers.GroupNorm(self.norm_num_groups, self.norm_eps, s.dtype,
                                  name='conv_norm_out')(h))
@@ -328,6 +404,9 @@ def _check_choices(kw):
     bad = [b for b in kw[key] if b not in allowed]
     if bad:
       raise ValueError(f'model.{key} has unknown block types {bad}; allowed: {list(allowed)}')
+  if kw['mid_block_type'] not in MID_BLOCK_TYPES:
+    raise ValueError(f"model.mid_block_type={kw['mid_block_type']!r}; "
+                     f'allowed: {list(MID_BLOCK_TYPES)}')
   if kw['dtype'] not in layers.DTYPES:
     raise ValueError(f"model.dtype={kw['dtype']!r}; allowed: {sorted(layers.DTYPES)}")
   if kw['downsample_padding'] not in (0, 1):
@@ -344,12 +423,40 @@ def _check_widths(kw):
                    if b.startswith('Attn')]
   attn_channels += [ch for ch, b in zip(kw['block_out_channels'][::-1], kw['up_block_types'])
                     if b.startswith('Attn')]
-  if kw['mid_block_attention']:
+  if kw['mid_block_attention'] and kw['mid_block_type'] == 'UNetMidBlock2D':
     attn_channels.append(kw['block_out_channels'][-1])
   for ch in attn_channels:
     if head_dim < 0 or (head_dim and ch % head_dim):
       raise ValueError(f'model.attention_head_dim={head_dim} must divide attention block '
                        f'width {ch} (0 or None = one head)')
+
+
+def _cross_attention_widths(kw):
+  """Channel widths of the cross-attention (Transformer2D) blocks."""
+  chans = kw['block_out_channels']
+  widths = [ch for ch, b in zip(chans, kw['down_block_types']) if b.startswith('CrossAttn')]
+  widths += [ch for ch, b in zip(chans[::-1], kw['up_block_types']) if b.startswith('CrossAttn')]
+  if kw['mid_block_type'] == 'UNetMidBlock2DCrossAttn':
+    widths.append(chans[-1])
+  return widths
+
+
+def _check_cross_attention(kw):
+  widths = _cross_attention_widths(kw)
+  for key in ('num_attention_heads', 'transformer_layers_per_block'):
+    if kw[key] < 1:
+      raise ValueError(f'model.{key}={kw[key]} must be >= 1')
+  if widths and kw['context_dim'] <= 0:
+    raise ValueError('cross-attention blocks (CrossAttn* block types or mid_block_type='
+                     f"'UNetMidBlock2DCrossAttn') need model.context_dim > 0, got "
+                     f"{kw['context_dim']}")
+  for ch in widths:
+    if ch % kw['num_attention_heads']:
+      raise ValueError(f"model.num_attention_heads={kw['num_attention_heads']} must divide "
+                       f'cross-attention block width {ch}')
+  if kw['mid_block_type'] == 'UNetMidBlock2DCrossAttn' and not kw['mid_block_attention']:
+    raise ValueError("model.mid_block_attention=False contradicts mid_block_type="
+                     "'UNetMidBlock2DCrossAttn' (it always has attention); use 'UNetMidBlock2D'")
 
 
 def check_config(model_kwargs: dict[str, Any], resolution: int | None) -> None:
@@ -371,6 +478,7 @@ def check_config(model_kwargs: dict[str, Any], resolution: int | None) -> None:
                        f'has {levels}; they must match')
   _check_choices(kw)
   _check_widths(kw)
+  _check_cross_attention(kw)
   for key, lo in (('layers_per_block', 1), ('in_channels', 1), ('out_channels', 1),
                   ('num_classes', 0), ('context_dim', 0)):
     if kw[key] < lo:

@@ -1,7 +1,7 @@
-"""Shared building blocks: timestep embeddings, annotated Conv/Dense, GroupNorm, spatial attention.
+"""Shared building blocks: timestep embeddings, annotated Conv/Dense, GroupNorm, attention.
 
 Legend: B batch, H/W height/width, C channels, N query positions (H*W), L context length,
-D context width, M key positions, K head width, A attention heads.
+D context width, M key positions, K head width, A attention heads, F feed-forward width.
 
 Every parameter created here carries logical axis names from the zoo vocabulary
 (`embed, mlp, heads, kv, vocab, conv_in, conv_out`), except norm scales/biases, which stay
@@ -138,6 +138,28 @@ class GroupNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+def dot_product_attention(q_BxNxC, k_BxMxC, v_BxMxC, heads: int, mask_BxM=None,
+                          dtype: Dtype = jnp.float32) -> jax.Array:
+  """softmax(q k^T / sqrt(K)) v over `heads` heads of width K = C // heads; BxNxC in `dtype`.
+
+  `mask_BxM` (True = attend) hides keys; a query whose keys are all hidden averages them all.
+  """
+  batch, channels = q_BxNxC.shape[0], q_BxNxC.shape[-1]
+  head_dim = channels // heads
+  q_BxNxAxK = q_BxNxC.reshape(batch, -1, heads, head_dim)
+  k_BxMxAxK = k_BxMxC.reshape(batch, -1, heads, head_dim)
+  v_BxMxAxK = v_BxMxC.reshape(batch, -1, heads, head_dim)
+  # Logits and softmax in float32 (diffusers upcast_softmax=True): bf16 logits saturate.
+  logits_BxAxNxM = jnp.einsum('bnak,bmak->banm', q_BxNxAxK, k_BxMxAxK,
+                              preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+  if mask_BxM is not None:
+    logits_BxAxNxM = jnp.where(mask_BxM.astype(bool)[:, None, None, :], logits_BxAxNxM,
+                               jnp.finfo(jnp.float32).min)
+  probs_BxAxNxM = jax.nn.softmax(logits_BxAxNxM, axis=-1).astype(dtype)
+  out_BxNxAxK = jnp.einsum('banm,bmak->bnak', probs_BxAxNxM, v_BxMxAxK)
+  return out_BxNxAxK.reshape(batch, -1, channels)
+
+
 class Attention(nn.Module):
   """Residual multi-head attention over spatial positions (diffusers `Attention`, U-Net flavour).
 
@@ -208,17 +230,130 @@ class Attention(nn.Module):
     q_BxNxC = self._dense(channels, ('embed', 'heads'), 'to_q')(h_BxNxC)
     k_BxMxC, v_BxMxC, mask_BxM = self._keys_values(h_BxNxC, context_BxLxD, context_mask_BxL)
 
-    q_BxNxAxK = q_BxNxC.reshape(batch, -1, heads, head_dim)
-    k_BxMxAxK = k_BxMxC.reshape(batch, -1, heads, head_dim)
-    v_BxMxAxK = v_BxMxC.reshape(batch, -1, heads, head_dim)
-    # Logits and softmax in float32 (diffusers upcast_softmax=True): bf16 logits saturate.
-    logits_BxAxNxM = jnp.einsum('bnak,bmak->banm', q_BxNxAxK, k_BxMxAxK,
-                                preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    if mask_BxM is not None:
-      logits_BxAxNxM = jnp.where(mask_BxM[:, None, None, :], logits_BxAxNxM,
-                                 jnp.finfo(jnp.float32).min)
-    probs_BxAxNxM = jax.nn.softmax(logits_BxAxNxM, axis=-1).astype(self.dtype)
-    out_BxNxAxK = jnp.einsum('banm,bmak->bnak', probs_BxAxNxM, v_BxMxAxK)
-    out_BxNxC = self._dense(channels, ('heads', 'embed'), 'to_out_0')(
-        out_BxNxAxK.reshape(batch, -1, channels))
+    out_BxNxC = dot_product_attention(q_BxNxC, k_BxMxC, v_BxMxC, heads, mask_BxM, self.dtype)
+    out_BxNxC = self._dense(channels, ('heads', 'embed'), 'to_out_0')(out_BxNxC)
     return out_BxNxC.reshape(x.shape).astype(self.dtype) + x.astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """diffusers `Attention` inside a `BasicTransformerBlock`: no norm, no residual.
+
+  to_q/to_k/to_v without bias, to_out_0 with bias; keys/values come from `context_BxLxD` when
+  given (cross-attention, `context_mask_BxL` True = attend), else from x (self-attention).
+  """
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _dense(self, features, axes, name, use_bias=False):
+    return dense(features, axes, use_bias=use_bias, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x_BxNxC, context_BxLxD=None, context_mask_BxL=None):
+    channels = x_BxNxC.shape[-1]
+    if channels % self.heads:
+      raise ValueError(f'MultiHeadAttention: channels={channels} not divisible by '
+                       f'heads={self.heads}')
+    source, kv_axes = x_BxNxC, ('embed', 'heads')
+    if context_BxLxD is not None:
+      source, kv_axes = context_BxLxD.astype(self.dtype), (None, 'heads')
+    elif context_mask_BxL is not None:
+      raise ValueError('MultiHeadAttention: context_mask_BxL given without a context')
+    q_BxNxC = self._dense(channels, ('embed', 'heads'), 'to_q')(x_BxNxC)
+    k_BxMxC = self._dense(channels, kv_axes, 'to_k')(source)
+    v_BxMxC = self._dense(channels, kv_axes, 'to_v')(source)
+    out_BxNxC = dot_product_attention(q_BxNxC, k_BxMxC, v_BxMxC, self.heads, context_mask_BxL,
+                                      self.dtype)
+    return self._dense(channels, ('heads', 'embed'), 'to_out_0', use_bias=True)(out_BxNxC)
+
+
+class GEGLU(nn.Module):
+  """`proj` to 2F features, split [hidden, gate], hidden * GELU(gate) (exact erf GELU)."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxNxC):
+    h_BxNx2F = dense(2 * self.features, ('embed', 'mlp'), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='proj')(x_BxNxC)
+    hidden_BxNxF, gate_BxNxF = jnp.split(h_BxNx2F, 2, axis=-1)
+    return hidden_BxNxF * nn.gelu(gate_BxNxF, approximate=False)
+
+
+class FeedForward(nn.Module):
+  """diffusers `FeedForward` with GEGLU: net_0 (GEGLU to mult*C) -> net_2 (linear back to C)."""
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxNxC):
+    channels = x_BxNxC.shape[-1]
+    h = GEGLU(self.mult * channels, self.dtype, self.param_dtype, name='net_0')(x_BxNxC)
+    return dense(channels, ('mlp', 'embed'), dtype=self.dtype, param_dtype=self.param_dtype,
+                 name='net_2')(h)
+
+
+class BasicTransformerBlock(nn.Module):
+  """x += attn1(norm1 x); x += attn2(norm2 x, context); x += ff(norm3 x) (diffusers, pre-LN).
+
+  LayerNorms have eps 1e-5 and affine `scale`/`bias`, statistics in float32 (two-pass).
+  """
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _norm(self, name):
+    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                        use_fast_variance=False, name=name)
+
+  @nn.compact
+  def __call__(self, x_BxNxC, context_BxLxD, context_mask_BxL=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x_BxNxC.astype(self.dtype)
+    x = x + MultiHeadAttention(self.heads, name='attn1', **kw)(self._norm('norm1')(x))
+    x = x + MultiHeadAttention(self.heads, name='attn2', **kw)(
+        self._norm('norm2')(x), context_BxLxD, context_mask_BxL)
+    return x + FeedForward(name='ff', **kw)(self._norm('norm3')(x))
+
+
+class Transformer2D(nn.Module):
+  """diffusers `Transformer2DModel` on continuous NHWC inputs, with a residual around it all.
+
+  norm (GroupNorm, eps 1e-6) -> proj_in (1x1 conv, or linear with `use_linear_projection`) ->
+  `num_layers` BasicTransformerBlocks over the HxW tokens -> proj_out -> + x. `heads` is the
+  number of heads (width C // heads each). `remat` recomputes each block in the backward pass.
+  """
+  heads: int
+  num_layers: int = 1
+  num_groups: int = 32
+  use_linear_projection: bool = False
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _proj(self, features, axes, name):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    if self.use_linear_projection:
+      return dense(features, axes, **kw)
+    return conv(features, 1, padding='VALID', axes=(None, None, *axes), **kw)
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, context_BxLxD, context_mask_BxL=None):
+    batch, height, width, channels = x_BxHxWxC.shape
+    h = GroupNorm(self.num_groups, 1e-6, self.dtype, self.param_dtype, name='norm')(x_BxHxWxC)
+    # A 1x1 conv and a linear are the same map; only the kernel shape (checkpoint) differs.
+    if self.use_linear_projection:
+      h = h.reshape(batch, height * width, channels)
+    h = self._proj(channels, ('conv_in', 'embed'), 'proj_in')(h)
+    h_BxNxC = h.reshape(batch, height * width, channels)
+    block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
+    for k in range(self.num_layers):
+      h_BxNxC = block(self.heads, self.dtype, self.param_dtype, name=f'transformer_blocks_{k}')(
+          h_BxNxC, context_BxLxD, context_mask_BxL)
+    if not self.use_linear_projection:
+      h_BxNxC = h_BxNxC.reshape(batch, height, width, channels)
+    out = self._proj(channels, ('embed', 'conv_out'), 'proj_out')(h_BxNxC)
+    return out.reshape(x_BxHxWxC.shape) + x_BxHxWxC.astype(self.dtype)

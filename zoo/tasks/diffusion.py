@@ -28,20 +28,12 @@ class DiffusionTask:
   def check_config(config):
     task = config.task
     zoo_config.check_keys(task, 'task', SCHEMA)
-    zoo_config.check_choice(task.schedule, diffusion.SCHEDULES, 'config.task.schedule')
-    zoo_config.check_choice(task.prediction_type, diffusion.PREDICTION_TYPES,
-                            'config.task.prediction_type')
-    zoo_config.check_choice(task.sampler, diffusion.SAMPLERS, 'config.task.sampler')
-    if task.num_timesteps < 1 or not 1 <= task.sample_steps <= task.num_timesteps:
-      raise ValueError(f'config.task.sample_steps={task.sample_steps} must lie in '
-                       f'[1, num_timesteps={task.num_timesteps}]')
+    check_sampling(task)
     if not 0.0 <= task.label_dropout < 1.0:
       raise ValueError(f'config.task.label_dropout={task.label_dropout} must lie in [0, 1)')
     zoo_config.check_choice(config.model.get('name', None), DENOISERS, 'config.model.name')
     models.check_config(config.model, config.data.resolution)
-    if config.model.get('learn_sigma', False):
-      raise ValueError('config.model.learn_sigma=True needs the learned-variance (iDDPM hybrid) '
-                       'loss, which this task does not have yet: set it to False')
+    check_learned_sigma(config)
     if config.model.num_classes and not config.data.label_key:
       raise ValueError('config.model.num_classes > 0 needs labels: set config.data.label_key')
 
@@ -52,6 +44,9 @@ class DiffusionTask:
     self.image_shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
     self.schedule = diffusion.Schedule.create(self.cfg.schedule, self.cfg.num_timesteps)
     self.predict = {'sample': self.sample}
+    # What predict['sample'] is conditioned on: 'class' (labels_B), 'none' (num) or 'text'.
+    self.conditioning = 'class' if self.num_classes else 'none'
+    self.learn_sigma = bool(config.model.get('learn_sigma', False))
 
   def init(self, rng, batch):
     """Boxed (logically partitioned) params for a batch of this shape."""
@@ -78,10 +73,7 @@ class DiffusionTask:
       labels = jnp.where(drop, self.num_classes, labels)
     pred = self.model.apply({'params': params}, x_t, t, labels_B=labels, train=train,
                             rngs={'dropout': rng_dropout})
-    per_example = diffusion.loss(self.cfg.prediction_type, self.schedule,
-                                 pred.astype(jnp.float32), x0, noise, t)
-    loss = per_example.mean()
-    return loss, {'loss': loss}
+    return denoising_loss(self, pred, x0, x_t, noise, t)
 
   def sample(self, params, rng, labels_B=None, *, num=None, sampler=None, steps=None,
              guidance_scale=None, eta=None):
@@ -99,14 +91,8 @@ class DiffusionTask:
       num = labels_B.shape[0]
     elif num is None:
       raise ValueError('this model is unconditional: pass num')
-    sampler = sampler or cfg.sampler
-    zoo_config.check_choice(sampler, diffusion.SAMPLERS, 'sampler')
-    steps = steps or cfg.sample_steps
-    if not 1 <= steps <= cfg.num_timesteps:
-      raise ValueError(f'steps={steps} must lie in [1, {cfg.num_timesteps}]')
-    scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
-    return _sample(self, params, rng, labels_B, num=num, sampler=sampler, steps=steps,
-                   guidance_scale=float(scale), eta=cfg.eta if eta is None else eta)
+    return _sample(self, params, rng, labels_B, num=num,
+                   **sampler_settings(cfg, sampler, steps, guidance_scale, eta))
 
   def denoiser(self, params, labels_B, guidance_scale):
     """model_fn(x_t, t_B) -> prediction, with classifier-free guidance for labelled models."""
@@ -123,6 +109,49 @@ class DiffusionTask:
   __hash__ = object.__hash__
 
 
+def denoising_loss(task, pred, x0, x_t, noise, t):
+  """(loss, metrics): the mean ε/v/x0 loss, plus the VLB for learned-σ models (iDDPM hybrid)."""
+  pred = pred.astype(jnp.float32)
+  if not task.learn_sigma:
+    loss = diffusion.loss(task.cfg.prediction_type, task.schedule, pred, x0, noise, t).mean()
+    return loss, {'loss': loss}
+  # The VLB's gradient reaches only the variance channels (ε is stop-gradiented inside).
+  eps, v = jnp.split(pred, 2, axis=-1)
+  mse = diffusion.loss('epsilon', task.schedule, eps, x0, noise, t).mean()
+  vlb = diffusion.vlb_loss(task.schedule, x0, x_t, t, eps, v).mean()
+  return mse + vlb, {'loss': mse + vlb, 'mse': mse, 'vlb': vlb}
+
+
+def check_learned_sigma(config):
+  """Learned σ (the iDDPM hybrid loss) needs ε-prediction."""
+  if config.model.get('learn_sigma', False) and config.task.prediction_type != 'epsilon':
+    raise ValueError('config.model.learn_sigma=True (the iDDPM hybrid loss) needs '
+                     f'config.task.prediction_type="epsilon", not {config.task.prediction_type!r}')
+
+
+def check_sampling(task):
+  """Schedule, parameterisation and sampler keys of a diffusion task config."""
+  zoo_config.check_choice(task.schedule, diffusion.SCHEDULES, 'config.task.schedule')
+  zoo_config.check_choice(task.prediction_type, diffusion.PREDICTION_TYPES,
+                          'config.task.prediction_type')
+  zoo_config.check_choice(task.sampler, diffusion.SAMPLERS, 'config.task.sampler')
+  if task.num_timesteps < 1 or not 1 <= task.sample_steps <= task.num_timesteps:
+    raise ValueError(f'config.task.sample_steps={task.sample_steps} must lie in '
+                     f'[1, num_timesteps={task.num_timesteps}]')
+
+
+def sampler_settings(cfg, sampler, steps, guidance_scale, eta):
+  """Explicit sampler arguments, falling back to `config.task`; checked."""
+  sampler = sampler or cfg.sampler
+  zoo_config.check_choice(sampler, diffusion.SAMPLERS, 'sampler')
+  steps = steps or cfg.sample_steps
+  if not 1 <= steps <= cfg.num_timesteps:
+    raise ValueError(f'steps={steps} must lie in [1, {cfg.num_timesteps}]')
+  scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+  return dict(sampler=sampler, steps=steps, guidance_scale=float(scale),
+              eta=cfg.eta if eta is None else eta)
+
+
 @functools.partial(jax.jit, static_argnames=('task', 'num', 'sampler', 'steps', 'guidance_scale'))
 def _sample(task, params, rng, labels_B, *, num, sampler, steps, guidance_scale, eta):
   rng_init, rng_loop = jax.random.split(rng)
@@ -130,5 +159,5 @@ def _sample(task, params, rng, labels_B, *, num, sampler, steps, guidance_scale,
   model_fn = task.denoiser(params, labels_B, guidance_scale)
   x0 = diffusion.sample(model_fn, task.schedule, x_T, rng_loop, sampler=sampler, steps=steps,
                         eta=eta, prediction_type=task.cfg.prediction_type,
-                        clip_x0=task.cfg.clip_x0)
+                        clip_x0=task.cfg.clip_x0, learned_variance=task.learn_sigma)
   return (jnp.clip(x0, -1.0, 1.0) + 1.0) / 2.0

@@ -1,0 +1,66 @@
+"""Captions as token arrays for text-conditioned tasks (`config.data.text`).
+
+Legend: L per-process batch, T max_len tokens.
+
+Each example carries several captions (a `Sequence(Text)` feature) or one (`Text`). Every
+time an example appears the pipeline picks one of them from a seed of (data seed, global
+batch index, example index), so the choice is a fixed function of the stream position
+(resume stays exact, and any process count draws the same captions) and a second epoch
+shows other paraphrases. Tokens follow `data.tokenizers`: [BOS] words [EOS] then padding.
+"""
+
+import numpy as np
+
+from data import tokenizers
+
+SCHEMA_HINT = ("config.data.text = ConfigDict(caption_key='captions', tokenizer='shapes', "
+               "tokenizer_path='', max_len=24)")
+
+
+def check_config(text_cfg) -> None:
+  """Raises ValueError for a text config that cannot work, without reading any data."""
+  if not text_cfg.caption_key:
+    raise ValueError(f'data.text.caption_key must name a text feature; e.g. {SCHEMA_HINT}')
+  if text_cfg.tokenizer not in tokenizers.TOKENIZERS:
+    raise ValueError(f'data.text.tokenizer={text_cfg.tokenizer!r} is not one of '
+                     f'{sorted(tokenizers.TOKENIZERS)}')
+  if text_cfg.max_len < 2:
+    raise ValueError(f'data.text.max_len={text_cfg.max_len} must be >= 2 (BOS and EOS)')
+
+
+def build_tokenizer(text_cfg) -> tokenizers.Tokenizer:
+  """The tokenizer `config.data.text` names (with its vocabulary file, if any)."""
+  kwargs = {'merges_path': text_cfg.tokenizer_path} if text_cfg.tokenizer_path else {}
+  return tokenizers.get(text_cfg.tokenizer, **kwargs)
+
+
+def _as_str(value) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+class Captions:
+  """Picks and tokenizes one caption per example of a batch."""
+
+  def __init__(self, text_cfg, seed: int):
+    self.key, self.max_len, self.seed = text_cfg.caption_key, text_cfg.max_len, seed
+    self.tokenizer = build_tokenizer(text_cfg)
+
+  def spec(self, local: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Name -> (shape, dtype) of the arrays `tokens` adds to a per-process batch."""
+    return {'tokens': ((local, self.max_len), np.dtype(np.int32)),
+            'tokens_mask': ((local, self.max_len), np.dtype(bool))}
+
+  def pick(self, example: dict, index: int, k: int) -> str:
+    """The caption of dataset example `index` shown in global batch k ('' if it has none)."""
+    value = example[self.key]
+    options = [value] if isinstance(value, (str, bytes)) else list(np.asarray(value).reshape(-1))
+    if not options:
+      return ''
+    rng = np.random.default_rng([self.seed, int(k), int(index)])
+    return _as_str(options[int(rng.integers(len(options)))])
+
+  def tokens(self, examples: list[dict], indices_L: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """{'tokens': LxT int32, 'tokens_mask': LxT bool} for decoded examples at `indices_L`."""
+    texts = [self.pick(ex, i, k) for ex, i in zip(examples, indices_L)]
+    ids_LxT, mask_LxT = self.tokenizer.encode(texts, self.max_len)
+    return {'tokens': ids_LxT, 'tokens_mask': mask_LxT}
