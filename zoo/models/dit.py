@@ -22,14 +22,14 @@ import functools
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zoo.nn import dit_layers as dl
 from zoo.nn import layers
 
 FREQ_DIM = 256
-LN_EPS = 1e-6
+LN_EPS = dl.LN_EPS
 ACT_AXES = ('act_batch', 'act_len', 'act_emb')
 IMAGE_AXES = ('act_batch', None, None, None)
 
@@ -54,30 +54,6 @@ def preset(name: str) -> dict[str, Any]:
   return dict(PRESETS[name])
 
 
-def _init(init, axes):
-  return nn.with_logical_partitioning(init, tuple(axes))
-
-
-XAVIER = nn.initializers.xavier_uniform()
-ZEROS = nn.initializers.zeros_init()
-NORMAL_002 = nn.initializers.normal(0.02)
-
-
-def _dense(features, axes, kernel_init, dtype, name):
-  """nn.Dense with logical axes; biases always start at zero (DiT `_basic_init`)."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=_init(kernel_init, axes), bias_init=_init(ZEROS, (axes[1],)),
-                  name=name)
-
-
-def _layer_norm(x, eps=LN_EPS):
-  """LayerNorm without affine parameters, in float32 with a two-pass variance."""
-  x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
-
-
 def _modulate(x_BxNxD, shift_BxD, scale_BxD):
   return x_BxNxD * (1 + scale_BxD[:, None, :]) + shift_BxD[:, None, :]
 
@@ -100,71 +76,6 @@ def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
   return np.concatenate([one_axis(cols_N), one_axis(rows_N)], axis=1).astype(np.float32)
 
 
-class SelfAttention(nn.Module):
-  """timm `Attention`: fused qkv (bias) -> softmax(q k^T / sqrt(K)) v -> proj."""
-  num_heads: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x_BxNxD):
-    batch, tokens, hidden = x_BxNxD.shape
-    head_dim = hidden // self.num_heads
-    qkv_BxNx3D = _dense(3 * hidden, ('embed', 'heads'), XAVIER, self.dtype, 'qkv')(x_BxNxD)
-    q_BxNxAxK, k_BxNxAxK, v_BxNxAxK = (
-        qkv_BxNx3D.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 1, 3, 4))
-    # Logits and softmax in float32: bf16 logits saturate.
-    logits_BxAxNxN = jnp.einsum('bnak,bmak->banm', q_BxNxAxK, k_BxNxAxK,
-                                preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    probs_BxAxNxN = jax.nn.softmax(logits_BxAxNxN, axis=-1).astype(self.dtype)
-    out_BxNxAxK = jnp.einsum('banm,bmak->bnak', probs_BxAxNxN, v_BxNxAxK)
-    return _dense(hidden, ('heads', 'embed'), XAVIER, self.dtype, 'proj')(
-        out_BxNxAxK.reshape(batch, tokens, hidden))
-
-
-class Mlp(nn.Module):
-  """timm `Mlp`: fc1 -> GELU(tanh) -> fc2."""
-  hidden_features: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x_BxNxD):
-    h = _dense(self.hidden_features, ('embed', 'mlp'), XAVIER, self.dtype, 'fc1')(x_BxNxD)
-    h = nn.gelu(h, approximate=True)
-    return _dense(x_BxNxD.shape[-1], ('mlp', 'embed'), XAVIER, self.dtype, 'fc2')(h)
-
-
-class CrossAttention(nn.Module):
-  """PixArt-alpha `MultiHeadCrossAttention`: q_linear(x), kv_linear(ctx) -> attention -> proj.
-
-  `proj` is zero-initialised, so the sub-layer adds exactly nothing at init. Masked context
-  tokens (mask False) get zero weight; for an example with no visible token the sub-layer
-  returns zero (not a uniform average of padding plus the proj bias).
-  """
-  num_heads: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x_BxNxD, ctx_BxLxD, mask_BxL):
-    batch, tokens, hidden = x_BxNxD.shape
-    head_dim = hidden // self.num_heads
-    q_BxNxAxK = _dense(hidden, ('embed', 'heads'), XAVIER, self.dtype, 'q_linear')(
-        x_BxNxD).reshape(batch, tokens, self.num_heads, head_dim)
-    kv_BxLx2D = _dense(2 * hidden, ('embed', 'heads'), XAVIER, self.dtype, 'kv_linear')(
-        ctx_BxLxD.astype(self.dtype))
-    k_BxLxAxK, v_BxLxAxK = kv_BxLx2D.reshape(
-        batch, -1, 2, self.num_heads, head_dim).transpose(2, 0, 1, 3, 4)
-    logits_BxAxNxL = jnp.einsum('bnak,blak->banl', q_BxNxAxK, k_BxLxAxK,
-                                preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    logits_BxAxNxL = jnp.where(mask_BxL[:, None, None, :], logits_BxAxNxL,
-                               jnp.finfo(jnp.float32).min)
-    probs_BxAxNxL = jax.nn.softmax(logits_BxAxNxL, axis=-1).astype(self.dtype)
-    out_BxNxAxK = jnp.einsum('banl,blak->bnak', probs_BxAxNxL, v_BxLxAxK)
-    out_BxNxD = _dense(hidden, ('heads', 'embed'), ZEROS, self.dtype, 'proj')(
-        out_BxNxAxK.reshape(batch, tokens, hidden))
-    # A fully masked row would softmax to a uniform average of padding: drop it instead.
-    return jnp.where(jnp.any(mask_BxL, axis=1)[:, None, None], out_BxNxD, 0)
-
-
 class DiTBlock(nn.Module):
   """x + gate * f(modulate(LN(x))) for f = attention, then MLP; shift/scale/gate from c.
 
@@ -181,19 +92,19 @@ class DiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxNxD, c_BxD, ctx_BxLxD=None, mask_BxL=None):
     hidden = x_BxNxD.shape[-1]
-    mod_Bx6D = _dense(6 * hidden, ('embed', 'mlp'), ZEROS, self.dtype, 'adaLN_modulation_1')(
+    mod_Bx6D = dl.dense(6 * hidden, ('embed', 'mlp'), dl.ZEROS, self.dtype, 'adaLN_modulation_1')(
         nn.silu(c_BxD))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         m.astype(jnp.float32) for m in jnp.split(mod_Bx6D, 6, axis=-1))
-    h = _modulate(_layer_norm(x_BxNxD, self.norm_eps), shift_msa, scale_msa).astype(self.dtype)
-    x_BxNxD = x_BxNxD + gate_msa[:, None, :] * SelfAttention(
+    h = _modulate(dl.layer_norm(x_BxNxD, self.norm_eps), shift_msa, scale_msa).astype(self.dtype)
+    x_BxNxD = x_BxNxD + gate_msa[:, None, :] * dl.SelfAttention(
         self.num_heads, self.dtype, name='attn')(h)
     if self.cross_attention:
-      h = _layer_norm(x_BxNxD, self.norm_eps).astype(self.dtype)
-      x_BxNxD = x_BxNxD + CrossAttention(self.num_heads, self.dtype, name='cross_attn')(
+      h = dl.layer_norm(x_BxNxD, self.norm_eps).astype(self.dtype)
+      x_BxNxD = x_BxNxD + dl.CrossAttention(self.num_heads, self.dtype, name='cross_attn')(
           h, ctx_BxLxD, mask_BxL).astype(jnp.float32)
-    h = _modulate(_layer_norm(x_BxNxD, self.norm_eps), shift_mlp, scale_mlp).astype(self.dtype)
-    x_BxNxD = x_BxNxD + gate_mlp[:, None, :] * Mlp(
+    h = _modulate(dl.layer_norm(x_BxNxD, self.norm_eps), shift_mlp, scale_mlp).astype(self.dtype)
+    x_BxNxD = x_BxNxD + gate_mlp[:, None, :] * dl.Mlp(
         int(hidden * self.mlp_ratio), self.dtype, name='mlp')(h)
     return x_BxNxD
 
@@ -206,11 +117,11 @@ class FinalLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxNxD, c_BxD):
-    mod_Bx2D = _dense(2 * x_BxNxD.shape[-1], ('embed', 'mlp'), ZEROS, self.dtype,
-                      'adaLN_modulation_1')(nn.silu(c_BxD))
+    mod_Bx2D = dl.dense(2 * x_BxNxD.shape[-1], ('embed', 'mlp'), dl.ZEROS, self.dtype,
+                        'adaLN_modulation_1')(nn.silu(c_BxD))
     shift_BxD, scale_BxD = jnp.split(mod_Bx2D.astype(jnp.float32), 2, axis=-1)
-    h = _modulate(_layer_norm(x_BxNxD, self.norm_eps), shift_BxD, scale_BxD).astype(self.dtype)
-    return _dense(self.out_features, ('embed', None), ZEROS, self.dtype, 'linear')(h)
+    h = _modulate(dl.layer_norm(x_BxNxD, self.norm_eps), shift_BxD, scale_BxD).astype(self.dtype)
+    return dl.dense(self.out_features, ('embed', None), dl.ZEROS, self.dtype, 'linear')(h)
 
 
 class TimestepEmbedder(nn.Module):
@@ -223,8 +134,8 @@ class TimestepEmbedder(nn.Module):
   def __call__(self, t_B):
     emb_BxF = layers.timestep_embedding(t_B, FREQ_DIM, flip_sin_to_cos=True,
                                         freq_shift=self.freq_shift)
-    h = _dense(self.hidden_size, (None, 'mlp'), NORMAL_002, self.dtype, 'mlp_0')(emb_BxF)
-    return _dense(self.hidden_size, ('mlp', 'embed'), NORMAL_002, self.dtype, 'mlp_2')(
+    h = dl.dense(self.hidden_size, (None, 'mlp'), dl.NORMAL_002, self.dtype, 'mlp_0')(emb_BxF)
+    return dl.dense(self.hidden_size, ('mlp', 'embed'), dl.NORMAL_002, self.dtype, 'mlp_2')(
         nn.silu(h))
 
 
@@ -242,8 +153,8 @@ class PatchEmbed(nn.Module):
                                                    in_axis=(0, 1, 2), out_axis=3)
     return nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
                    param_dtype=jnp.float32,
-                   kernel_init=_init(kernel_init, (None, None, None, 'embed')),
-                   bias_init=_init(ZEROS, ('embed',)), name='proj')(x_BxHxWxC)
+                   kernel_init=dl.with_axes(kernel_init, (None, None, None, 'embed')),
+                   bias_init=dl.with_axes(dl.ZEROS, ('embed',)), name='proj')(x_BxHxWxC)
 
 
 class LabelEmbedder(nn.Module):
@@ -256,7 +167,7 @@ class LabelEmbedder(nn.Module):
   def __call__(self, labels_B):
     return nn.Embed(self.num_classes + 1, self.hidden_size, dtype=self.dtype,
                     param_dtype=jnp.float32,
-                    embedding_init=_init(NORMAL_002, (None, 'embed')),
+                    embedding_init=dl.with_axes(dl.NORMAL_002, (None, 'embed')),
                     name='embedding_table')(jnp.asarray(labels_B, jnp.int32))
 
 
@@ -267,8 +178,8 @@ class PooledEmbedder(nn.Module):
 
   @nn.compact
   def __call__(self, pooled_BxE):
-    h = _dense(self.hidden_size, (None, 'mlp'), NORMAL_002, self.dtype, 'linear_1')(pooled_BxE)
-    return _dense(self.hidden_size, ('mlp', 'embed'), NORMAL_002, self.dtype, 'linear_2')(
+    h = dl.dense(self.hidden_size, (None, 'mlp'), dl.NORMAL_002, self.dtype, 'linear_1')(pooled_BxE)
+    return dl.dense(self.hidden_size, ('mlp', 'embed'), dl.NORMAL_002, self.dtype, 'linear_2')(
         nn.silu(h))
 
 
@@ -353,7 +264,7 @@ class DiT(nn.Module):
     """(context_embedder(ctx) BxLxD, bool mask BxL), or (None, None) without text tokens."""
     if self.context_dim == 0:
       return None, None
-    ctx_BxLxD = _dense(self.hidden_size, (None, 'embed'), XAVIER, dtype, 'context_embedder')(
+    ctx_BxLxD = dl.dense(self.hidden_size, (None, 'embed'), dl.XAVIER, dtype, 'context_embedder')(
         jnp.asarray(context_BxLxD).astype(dtype))
     if context_mask_BxL is None:
       return ctx_BxLxD, jnp.ones(ctx_BxLxD.shape[:2], bool)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from zoo.models import unet
 from zoo.nn import layers
+from zoo.nn import unet_blocks as blocks
 
 ACT_AXES = unet.ACT_AXES
 IMAGE_AXES = unet.IMAGE_AXES
@@ -68,9 +69,9 @@ def from_latent(z, scaling: float = 0.18215, shift: float = 0.0):
   return z / scaling + shift
 
 
-def _settings(num_groups: int, dtype) -> unet.BlockSettings:
+def _settings(num_groups: int, dtype) -> blocks.BlockSettings:
   """U-Net block settings that reproduce diffusers' VAE blocks (one head, no time embedding)."""
-  return unet.BlockSettings(num_groups=num_groups, eps=NORM_EPS, dropout=0.0, head_dim=0,
+  return blocks.BlockSettings(num_groups=num_groups, eps=NORM_EPS, dropout=0.0, head_dim=0,
                             context_dim=0, downsample_padding=0, dtype=dtype)
 
 
@@ -93,10 +94,10 @@ class Encoder(nn.Module):
     h = layers.conv(self.block_out_channels[0], 3, dtype=self.dtype,
                     axes=(None, None, None, 'conv_out'), name='conv_in')(x_BxHxWxC)
     for i, ch in enumerate(self.block_out_channels):
-      h, _ = unet.DownBlock(ch, self.layers_per_block, False, i < levels - 1, s,
+      h, _ = blocks.DownBlock(ch, self.layers_per_block, False, i < levels - 1, s,
                             name=f'down_blocks_{i}')(h, None, None, False)
       h = nn.with_logical_constraint(h, ACT_AXES)
-    h = unet.MidBlock(self.block_out_channels[-1], self.mid_block_attention, s,
+    h = blocks.MidBlock(self.block_out_channels[-1], self.mid_block_attention, s,
                       name='mid_block')(h, None, None, False)
     h = _norm_act(self.num_groups, self.dtype, h)
     return layers.conv(self.out_channels, 3, dtype=self.dtype,
@@ -117,10 +118,10 @@ class Decoder(nn.Module):
     s, levels = _settings(self.num_groups, self.dtype), len(self.block_out_channels)
     h = layers.conv(self.block_out_channels[-1], 3, dtype=self.dtype,
                     axes=(None, None, None, 'conv_out'), name='conv_in')(z_BxhxwxZ)
-    h = unet.MidBlock(self.block_out_channels[-1], self.mid_block_attention, s,
+    h = blocks.MidBlock(self.block_out_channels[-1], self.mid_block_attention, s,
                       name='mid_block')(h, None, None, False)
     for i, ch in enumerate(self.block_out_channels[::-1]):
-      h = unet.UpBlock(ch, self.layers_per_block + 1, False, i < levels - 1, s,
+      h = blocks.UpBlock(ch, self.layers_per_block + 1, False, i < levels - 1, s,
                        name=f'up_blocks_{i}')(h, None, None, None, False)
       h = nn.with_logical_constraint(h, ACT_AXES)
     h = _norm_act(self.num_groups, self.dtype, h)
