@@ -150,7 +150,7 @@ class UNet(nn.Module):
     if pooled_BxD is not None:
       raise ValueError('UNet has no pooled-text path: pooled_BxD must be None')
     for axis, size in (('height', x_BxHxWxC.shape[1]), ('width', x_BxHxWxC.shape[2])):
-      _check_resolution(size, len(self.block_out_channels), f'input {axis}')
+      blocks.check_resolution(size, len(self.block_out_channels), 'UNet', f'input {axis}')
     if x_BxHxWxC.shape[-1] != self.in_channels:
       raise ValueError(
           f'input has {x_BxHxWxC.shape[-1]} channels but model.in_channels={self.in_channels}')
@@ -208,13 +208,6 @@ FIELDS = tuple(f.name for f in dataclasses.fields(UNet) if f.name not in ('paren
 
 def _fields(module: UNet) -> dict[str, Any]:
   return {f: getattr(module, f) for f in FIELDS}
-
-
-def _check_resolution(size: int, num_levels: int, what: str = 'resolution'):
-  factor = 2 ** (num_levels - 1)
-  if size % factor:
-    raise ValueError(f'{what}={size} must be divisible by 2**(len(block_out_channels)-1)='
-                     f'{factor} for a {num_levels}-level UNet')
 
 
 def _check_choices(kw):
@@ -304,4 +297,4 @@ def check_config(model_kwargs: dict[str, Any], resolution: int | None) -> None:
   if not 0.0 <= kw['dropout'] < 1.0:
     raise ValueError(f"model.dropout={kw['dropout']} must be in [0, 1)")
   if resolution is not None:
-    _check_resolution(resolution, levels)
+    blocks.check_resolution(resolution, levels, 'UNet')

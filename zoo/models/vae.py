@@ -198,7 +198,7 @@ class AutoencoderKL(nn.Module):
       raise ValueError(
           f'input has {x_BxHxWxC.shape[-1]} channels but model.in_channels={self.in_channels}')
     for axis, size in (('height', x_BxHxWxC.shape[1]), ('width', x_BxHxWxC.shape[2])):
-      _check_resolution(size, len(self.block_out_channels), f'input {axis}')
+      blocks.check_resolution(size, len(self.block_out_channels), 'VAE', f'input {axis}')
 
 
 MODEL = AutoencoderKL
@@ -208,13 +208,6 @@ FIELDS = tuple(f.name for f in dataclasses.fields(AutoencoderKL)
 
 def _fields(module: AutoencoderKL) -> dict[str, Any]:
   return {f: getattr(module, f) for f in FIELDS}
-
-
-def _check_resolution(size: int, num_levels: int, what: str = 'resolution'):
-  factor = 2 ** (num_levels - 1)
-  if size % factor:
-    raise ValueError(f'{what}={size} must be divisible by 2**(len(block_out_channels)-1)='
-                     f'{factor} for a {num_levels}-level VAE')
 
 
 def check_config(model_kwargs: dict[str, Any], resolution: int | None) -> None:
@@ -242,4 +235,4 @@ def check_config(model_kwargs: dict[str, Any], resolution: int | None) -> None:
   if not kw['scaling_factor'] > 0:
     raise ValueError(f"model.scaling_factor={kw['scaling_factor']} must be > 0")
   if resolution is not None:
-    _check_resolution(resolution, len(kw['block_out_channels']))
+    blocks.check_resolution(resolution, len(kw['block_out_channels']), 'VAE')

@@ -194,3 +194,11 @@ class MidBlock(nn.Module):
     h = self.s.attend(_kind(self.attention, self.cross_attention), 'attentions_0', h, context,
                       context_mask)
     return self.s.resnet(self.channels, 'resnets_1')(h, temb, train)
+
+
+def check_resolution(size: int, num_levels: int, model: str, what: str = 'resolution'):
+  """ValueError unless `size` survives the num_levels - 1 halvings of a U-Net-shaped model."""
+  factor = 2 ** (num_levels - 1)
+  if size % factor:
+    raise ValueError(f'{what}={size} must be divisible by 2**(len(block_out_channels)-1)='
+                     f'{factor} for a {num_levels}-level {model}')
