@@ -9,7 +9,7 @@ tokens in every block, the pooled caption added to the timestep embedding in ada
   zoo train --config experiments/dit_t2i_shapes.py:smoke=True,vae=/tmp/vae_smoke \
       --workdir /tmp/dit_t2i_smoke
 
-Arguments: as experiments/ldm_t2i_shapes.py (smoke, steps, vae).
+Arguments: as experiments/ldm_t2i_shapes.py (smoke, steps, vae, latents).
 """
 
 import importlib.util
@@ -19,9 +19,10 @@ from zoo import config as zoo_config
 
 
 def get_config(arg=None):
-  arg = zoo_config.parse_arg(arg, smoke=False, steps=0, vae='workdirs/vae_shapes')
+  arg = zoo_config.parse_arg(arg, smoke=False, steps=0, vae='workdirs/vae_shapes', latents='')
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ldm_t2i_shapes.py')
   spec = importlib.util.spec_from_file_location('ldm_t2i_shapes', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(f'smoke={arg.smoke},steps={arg.steps},vae={arg.vae},model=dit')
+  return module.get_config(f'smoke={arg.smoke},steps={arg.steps},vae={arg.vae},model=dit,'
+                           f'latents={arg.latents}')

@@ -12,16 +12,24 @@ saved in this run's checkpoints, so sampling needs only this workdir):
   zoo train --config experiments/ldm_t2i_shapes.py:smoke=True,vae=/tmp/vae_smoke \
       --workdir /tmp/ldm_smoke
 
+With the latents encoded once (the VAE encoder then never runs during training):
+
+  zoo latents --config experiments/ldm_t2i_shapes.py --out latents/shapes64
+  zoo train --config experiments/ldm_t2i_shapes.py:latents=latents/shapes64 \
+      --workdir workdirs/ldm_t2i_shapes
+
 Arguments: smoke (bool, seconds-long, on `tiny64`, with the smoke VAE), steps (int, 0 =
 default), vae (the VAE run's workdir; default workdirs/vae_shapes), model ('unet' or 'dit':
 a DiT over 2x2 latent patches with cross-attention and pooled text in adaLN; see
-experiments/dit_t2i_shapes.py).
+experiments/dit_t2i_shapes.py), latents (a `zoo latents --out` directory to read the
+pre-computed posteriors from; '' = encode every batch).
 """
 
 import importlib.util
 import os
 
 from zoo import config as zoo_config
+from zoo import latents as zoo_latents
 from zoo import models
 from zoo import sharding
 
@@ -31,7 +39,7 @@ PROMPTS = ('one shape: a red circle.', 'one shape: a blue square.',
            'triangle.')
 # 1 / std of the VAE's latents on shapes (its `recon` evaluator reports latent_std), so the
 # diffusion sees roughly unit-variance latents, as SD's 0.18215.
-LATENT_SCALE = 1.0
+LATENT_SCALE = 0.48
 RESOLUTION = 64
 
 
@@ -62,7 +70,8 @@ def denoiser(kind, smoke, text_width, vae):
 
 
 def get_config(arg=None):
-  arg = zoo_config.parse_arg(arg, smoke=False, steps=0, vae='workdirs/vae_shapes', model='unet')
+  arg = zoo_config.parse_arg(arg, smoke=False, steps=0, vae='workdirs/vae_shapes', model='unet',
+                             latents='')
   zoo_config.check_choice(arg.model, ('unet', 'dit'), 'ldm_t2i_shapes model')
   config = ConfigDict()
   config.seed = 0
@@ -83,7 +92,10 @@ def get_config(arg=None):
       name='text_to_image', schedule='cosine', num_timesteps=1000, prediction_type='epsilon',
       caption_dropout=0.1, negative_prompt='', sampler='dpmpp_2m', sample_steps=20, eta=0.0,
       guidance_scale=4.0, clip_x0=True, text_encoder=text, text_encoder_from='',
-      train_text_encoder=True, vae=vae, vae_from=arg.vae))
+      train_text_encoder=True, vae=vae, vae_from=arg.vae, latent_key=''))
+  if arg.latents:
+    config.data = zoo_latents.latents_data(config.data, arg.latents)
+    config.task.latent_key = zoo_latents.MOMENTS
 
   config.train = ConfigDict(dict(
       steps=arg.steps or (20 if arg.smoke else 4000), batch_size=8 if arg.smoke else 32,

@@ -63,8 +63,13 @@ def test_train_step_accumulation_equals_full_batch():
   assert_trees(full['params'], acc['params'], exact=False, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m_full['grad_norm'], m_acc['grad_norm'], rtol=1e-5)
   assert int(full['step']) == 1
-  # EMA halfway between the old and the new params.
-  np.testing.assert_allclose(full['ema_params']['w'], (params['w'] + full['params']['w']) / 2,
+  # The first EMA update decays by min(0.5, 1 / 10): 90% of the way to the new params.
+  np.testing.assert_allclose(full['ema_params']['w'],
+                             0.1 * params['w'] + 0.9 * full['params']['w'], rtol=1e-6)
+  # By step 20 the warm-up decay (21 / 30) exceeds the cap: 0.5.
+  later = jax.jit(functools.partial(step, grad_accum=1))(
+      dict(state, step=jnp.asarray(20, jnp.int32)), batch, jax.random.PRNGKey(0))[0]
+  np.testing.assert_allclose(later['ema_params']['w'], (params['w'] + later['params']['w']) / 2,
                              rtol=1e-6)
   assert np.any(np.asarray(full['params']['w']) != 1.0)
 

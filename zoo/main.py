@@ -4,6 +4,7 @@
   zoo sample --workdir DIR --num N --out grid.png [--sampler S --steps K --guidance G --label L --seed K]
   zoo sample --workdir DIR --prompt "a red star." [--negative-prompt "..."] --num N --out grid.png
   zoo eval   --workdir DIR
+  zoo latents --config experiments/NAME.py[:key=value,...] --out DIR [--split S ...]
 """
 
 import argparse
@@ -36,6 +37,13 @@ def _parser():
   sample.add_argument('--upscale', type=int, default=4)
   evaluate = sub.add_parser('eval', help='run the experiment\'s evaluators on the latest checkpoint')
   evaluate.add_argument('--workdir', required=True)
+  latents = sub.add_parser('latents', help="encode a latent-diffusion experiment's dataset "
+                           'once with its frozen VAE (a TFDS dataset in --out)')
+  latents.add_argument('--config', required=True, help='experiments/NAME.py[:key=value,...]')
+  latents.add_argument('--out', required=True, help='data_dir to write tfds:zoo_latents into')
+  latents.add_argument('--split', action='append', default=None,
+                       help='a split to encode; repeat for several (default: train and eval)')
+  latents.add_argument('--batch-size', type=int, default=64)
   return parser
 
 
@@ -47,8 +55,8 @@ def main(argv=None):
   # Our own progress at INFO; the libraries' (Orbax, absl) only when something is wrong.
   logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s: %(message)s')
   logging.getLogger('zoo').setLevel(logging.INFO)
-  if overrides and args.command != 'train':
-    raise SystemExit('--config.* overrides apply to `zoo train` only')
+  if overrides and args.command not in ('train', 'latents'):
+    raise SystemExit('--config.* overrides apply to `zoo train` and `zoo latents` only')
   # Imported after parsing: `zoo --help` should not wait for JAX.
   from zoo import config as zoo_config
   from zoo import runs
@@ -63,9 +71,14 @@ def main(argv=None):
                   upscale=args.upscale, prompts=args.prompt,
                   negative_prompt=args.negative_prompt)
       print(args.out)
+    elif args.command == 'latents':
+      from zoo import latents
+      builder = latents.precompute(zoo_config.load(args.config, overrides), args.out,
+                                   splits=args.split or (), batch_size=args.batch_size)
+      print(builder.data_dir)
     else:
       print(json.dumps(runs.evaluate(args.workdir), indent=2))
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f'zoo {args.command}: error: {e}', file=sys.stderr)
     return 2
   except FloatingPointError as e:

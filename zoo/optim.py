@@ -4,6 +4,7 @@ import functools
 
 from flax.core import meta
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -55,6 +56,15 @@ def _labels(params, frozen):
   boxed = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
   return {k: jax.tree.map(lambda _, k=k: 'frozen' if k in frozen else 'train', v, is_leaf=boxed)
           for k, v in params.items()}
+
+
+def ema_decay_at(step, decay):
+  """The EMA decay after update `step` (0-based): min(decay, (1 + step) / (10 + step)).
+
+  diffusers' `EMAModel` warm-up: early averages forget the random init quickly, so a short
+  run's EMA is not held back by it (0.999 ** 3000 would still weigh the init by 5%).
+  """
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def ema_update(ema_params, params, decay):

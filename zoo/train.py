@@ -35,6 +35,8 @@ def train_step(state, batch, rng, *, loss_fn, tx, schedule, grad_accum, ema_deca
                pass_step=False):
   """One optimizer update: accumulated gradients, clipping (in `tx`), EMA; returns metrics.
 
+  The EMA decays with `optim.ema_decay_at` (diffusers' warm-up, capped at `ema_decay`).
+
   Randomness is `fold_in(rng, step)`, so a resumed run draws exactly what an uninterrupted
   one would. With `pass_step` the loss also gets `step=` (e.g. a GAN term that starts late).
   """
@@ -52,7 +54,8 @@ def train_step(state, batch, rng, *, loss_fn, tx, schedule, grad_accum, ema_deca
       'step': state['step'] + 1,
       'params': params,
       'opt_state': opt_state,
-      'ema_params': optim.ema_update(state['ema_params'], params, ema_decay),
+      'ema_params': optim.ema_update(state['ema_params'], params,
+                                     optim.ema_decay_at(state['step'], ema_decay)),
   }
   metrics = {**aux, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'param_norm': optax.tree.norm(params), 'lr': schedule(state['step'])}
@@ -154,6 +157,8 @@ def _first_state(s, ckpt, data, rng):
         os.path.join(source.workdir, 'checkpoints'), s.abstract_state['params'][key],
         use_ema=source.use_ema, subtree=source.subtree)}
     log.info('params[%r] from %s (%s)', key, source.workdir, source.subtree)
+  if hasattr(s.task, 'check_pretrained'):
+    s.task.check_pretrained(params)
   if params is not state['params']:
     state = {**state, 'params': params, 'ema_params': jax.tree.map(jnp.copy, params)}
   return state

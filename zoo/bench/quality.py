@@ -89,7 +89,8 @@ def measure(workdir, classifier_workdir, settings, *, num=256, batch_size=128, s
   if kind == 'class':
     real_acc = adherence.judge_classes(generation.to_uint8((real.images_NxHxWxC + 1) / 2),
                                        real.labels_N)['accuracy']
-  return {'workdir': workdir, 'classifier': classifier_workdir, 'split': split, 'num': num,
+  return {'workdir': workdir, 'step': int(np.asarray(state['step'])), 'use_ema': use_ema,
+          'classifier': classifier_workdir, 'split': split, 'num': num,
           'real_scorer_accuracy': real_acc,
           'real_classifier_accuracy': float(np.mean(real_logits.argmax(-1) == real.labels_N))
           if real.labels_N is not None else None, 'rows': rows}
@@ -127,13 +128,14 @@ def main(argv=None):
   parser.add_argument('--batch_size', type=int, default=128)
   parser.add_argument('--split', default='validation')
   parser.add_argument('--out', default='quality.json')
+  parser.add_argument('--raw', action='store_true', help='the raw params instead of the EMA')
   args = parser.parse_args(argv)
   settings = [parse_setting(t, args.guidance) for t in args.settings]
   base = parse_setting(args.sweep_setting, args.guidance)
   settings += [(base[0], base[1], g) for g in args.sweep if (base[0], base[1], g) not in settings]
   print(HEADER + '\n|' + '---|' * 8, flush=True)
   report = measure(args.workdir, args.classifier, settings, num=args.num,
-                   batch_size=args.batch_size, split=args.split)
+                   batch_size=args.batch_size, split=args.split, use_ema=not args.raw)
   with open(args.out, 'w') as f:
     json.dump(report, f, indent=2)
   print(f"real images: scorer accuracy {report['real_scorer_accuracy']}, classifier accuracy "

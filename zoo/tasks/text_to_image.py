@@ -7,7 +7,9 @@ text in adaLN) attends to the text encoder's token features. Params are
 {'denoiser', 'text_encoder'[, 'vae']}: the text encoder trains jointly from scratch, or
 starts from another run (`text_encoder_from`) and is frozen unless `train_text_encoder`; the
 VAE (`vae` non-empty) always comes frozen from a VAE run (`vae_from`), encodes each batch to
-scaled latents z = (mean + σ ε - shift) * scale, and decodes samples. A fraction
+scaled latents z = (mean + σ ε - shift) * scale, and decodes samples; with `latent_key` the
+posterior moments come pre-computed in the batch (`zoo latents`, zoo/latents.py) and the
+encoder is skipped, after a check that they came from this VAE. A fraction
 `caption_dropout` of captions is replaced by the empty prompt, so one network gives both
 terms of classifier-free guidance; sampling guides against the empty prompt or a negative
 prompt.
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from data import captions
 from zoo import config as zoo_config
 from zoo import diffusion
+from zoo import latents
 from zoo import models
 from zoo.models import vae as vae_lib
 from zoo.tasks import diffusion as diffusion_task
@@ -33,7 +36,7 @@ log = logging.getLogger('zoo')
 SCHEMA = {k: v for k, v in diffusion_task.SCHEMA.items() if k != 'label_dropout'} | {
     'caption_dropout': float, 'negative_prompt': str,
     'text_encoder': ConfigDict, 'text_encoder_from': str, 'train_text_encoder': bool,
-    'vae': ConfigDict, 'vae_from': str,
+    'vae': ConfigDict, 'vae_from': str, 'latent_key': str,
 }
 
 
@@ -114,6 +117,12 @@ class TextToImageTask:
     _check_text(config)
     diffusion_task.check_learned_sigma(config)
     models.check_config(config.model, _check_vae(config))
+    if task.latent_key:
+      if not task.vae:
+        raise ValueError('config.task.latent_key needs a latent model: set config.task.vae')
+      if task.latent_key not in config.data.features:
+        raise ValueError(f'config.task.latent_key={task.latent_key!r} must be one of '
+                         f'config.data.features={tuple(config.data.features)}')
 
   def __init__(self, config):
     task = self.cfg = config.task
@@ -137,6 +146,9 @@ class TextToImageTask:
     if self.vae is not None:
       self.frozen += ('vae',)
       self.pretrained['vae'] = Source(task.vae_from, 'vae')
+    self.latents = None  # The record of pre-computed latents, checked against the VAE.
+    if task.latent_key:
+      self.latents = (latents.check_provenance(config), config.data.data_dir)
     self.predict = {'sample': self.sample, 'encode_text': self.encode_text}
 
   def init(self, rng, batch):
@@ -147,7 +159,7 @@ class TextToImageTask:
     x = batch['image']
     if self.vae is not None:
       params['vae'] = self.vae.init({'params': rng_v}, x)['params']
-      x = jax.eval_shape(lambda: self._latents(params['vae'], batch['image'], None))
+      x = jax.eval_shape(lambda: self._latents(params['vae'], batch, None))
     if tuple(x.shape[1:]) != self.image_shape:
       raise ValueError(f'the denoiser sees {tuple(x.shape[1:])} but expects {self.image_shape} '
                        '(config.data.resolution, config.model.in_channels, the VAE factor)')
@@ -157,8 +169,17 @@ class TextToImageTask:
                                          **cond)['params']
     return params
 
-  def _latents(self, vae_params, images, rng):
-    mean, logvar = self.vae.apply({'params': vae_params}, images, method='encode')
+  def check_pretrained(self, params):
+    """Called once the pretrained parts are loaded: pre-computed latents must be this VAE's."""
+    if self.latents is not None:
+      record, data_dir = self.latents
+      latents.check_vae_params(record, params['vae'], data_dir)
+
+  def _latents(self, vae_params, batch, rng):
+    if self.cfg.latent_key:
+      mean, logvar = jnp.split(batch[self.cfg.latent_key], 2, axis=-1)
+    else:
+      mean, logvar = self.vae.apply({'params': vae_params}, batch['image'], method='encode')
     return vae_lib.to_latent(mean, logvar, rng, self.vae.scaling_factor, self.vae.shift_factor)
 
   def encode_text(self, params, tokens_BxL, mask_BxL):
@@ -189,7 +210,7 @@ class TextToImageTask:
     cond = self.encode_text(params, tokens, mask)
     x0 = batch['image']
     if self.vae is not None:
-      x0 = jax.lax.stop_gradient(self._latents(params['vae'], x0, rng_z))
+      x0 = jax.lax.stop_gradient(self._latents(params['vae'], batch, rng_z))
     t = jax.random.randint(rng_t, x0.shape[:1], 0, self.cfg.num_timesteps)
     noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
     x_t = diffusion.q_sample(self.schedule, x0, t, noise)
