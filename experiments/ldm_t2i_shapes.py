@@ -38,7 +38,8 @@ PROMPTS = ('one shape: a red circle.', 'one shape: a blue square.',
            'a green star left of a yellow heart.', 'two shapes: a purple cross and an orange '
            'triangle.')
 # 1 / std of the VAE's latents on shapes (its `recon` evaluator reports latent_std), so the
-# diffusion sees roughly unit-variance latents, as SD's 0.18215.
+# diffusion sees roughly unit-variance latents, as SD's 0.18215. Measured on the default
+# 600-step vae_shapes run: latent std 2.10 (EMA params, validation) -> 0.4755.
 LATENT_SCALE = 0.48
 RESOLUTION = 64
 
