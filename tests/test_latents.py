@@ -14,6 +14,8 @@ from zoo import latents
 from zoo import main as zoo_main
 from zoo import tasks
 from zoo import train
+from zoo.evals import adherence
+from zoo.evals import generation
 
 from conftest import REPO
 
@@ -98,3 +100,18 @@ def test_bad_latents_fail_with_the_path_before_training(written, tmp_path):
   with pytest.raises(FileExistsError, match='already holds latents'):
     latents.precompute(ldm_config(vae_dir), out)
   assert latents_data.read_provenance(out)['splits'] == ['train', 'validation']
+
+
+def test_evaluators_read_the_ground_truth_from_the_source(written):
+  vae_dir, out = written
+  config = ldm_config(vae_dir, out)
+  source = latents.source_data(config.data)
+  assert zoo_config.to_json(source) == zoo_config.to_json(ldm_config(vae_dir).data)
+  real = generation.real_set(config.data, 'validation', 4, 0, 'test')
+  assert 'objects' in real.examples[0] and 'moments' not in real.examples[0]
+  cfg = zoo_config.ConfigDict(dict(
+      type='adherence', split='validation', num_samples=4, batch_size=4, sampler='ddim',
+      steps=2, guidance_scale=2.0, use_ema=True, seed=0, grid=0, upscale=1))
+  config.evals.adherence = cfg
+  zoo_config.validate(config)
+  adherence.Adherence(cfg, task=tasks.build(config), config=config, workdir='/nonexistent')

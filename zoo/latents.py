@@ -11,6 +11,7 @@ checks before training that the VAE it loads is the one that wrote the latents.
 """
 
 import hashlib
+import json
 import logging
 import os
 
@@ -54,6 +55,25 @@ def latents_data(data_cfg, out_dir: str):
   data.builder_config = ''
   data.features = tuple(data.features) + (latents_data_lib.MOMENTS,)
   return data
+
+
+def is_latents(data_cfg) -> bool:
+  return data_cfg.name == f'tfds:{latents_data_lib.NAME}'
+
+
+def source_data(data_cfg):
+  """The data config the latents in `data_cfg` were encoded from (`data_cfg` if not latents).
+
+  Record i of a latents split is record i of the source split, so evaluators that need the
+  source's ground truth (the shapes scorer) read it there.
+  """
+  if not is_latents(data_cfg):
+    return data_cfg
+  record = latents_data_lib.read_provenance(data_cfg.data_dir)
+  if 'data' not in record:
+    raise ValueError(f'{data_cfg.data_dir}: vae.json does not record its source data config; '
+                     're-run `zoo latents`')
+  return zoo_config.from_json(json.dumps(record['data']))
 
 
 def _load_vae(task, image_shape):
@@ -111,7 +131,7 @@ def precompute(config, out_dir: str, *, splits=(), batch_size: int = 64):
       vae_from=os.path.abspath(task.pretrained['vae'].workdir),
       use_ema=task.pretrained['vae'].use_ema, fingerprint=fingerprint(params),
       vae=vae_architecture(config.task.vae), source=source.info.full_name,
-      resolution=data.resolution, splits=list(splits))
+      resolution=data.resolution, splits=list(splits), data=json.loads(zoo_config.to_json(data)))
   log.info('encoding %s of %s with the VAE of %s', splits, source.info.full_name,
            provenance['vae_from'])
   return latents_data_lib.write(

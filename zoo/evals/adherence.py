@@ -17,6 +17,7 @@ import numpy as np
 
 from data.shapes import grammar
 from data.shapes import score
+from zoo import latents
 from zoo import metrics
 from zoo.evals import generation
 
@@ -56,9 +57,9 @@ class Adherence:
     generation.check_sampling(cfg, where)
     if cfg.grid < 0 or cfg.upscale < 1:
       raise ValueError(f'{where}: grid must be >= 0 (0 = no PNG) and upscale >= 1')
-    if config.data.name != 'shapes':
-      raise ValueError(f'{where}.type=adherence needs config.data.name=shapes, '
-                       f'not {config.data.name!r}')
+    if config.data.name != 'shapes' and not latents.is_latents(config.data):
+      raise ValueError(f'{where}.type=adherence needs config.data.name=shapes (or latents '
+                       f'encoded from it), not {config.data.name!r}')
     if config.model.get('num_classes', 0) and config.data.label_key != LABEL_KEY:
       raise ValueError(f'{where}: class-conditional adherence needs config.data.label_key='
                        f'{LABEL_KEY!r} (one-object configs), not {config.data.label_key!r}')
@@ -72,6 +73,10 @@ class Adherence:
     if self.kind == 'class' and config.data.label_key != LABEL_KEY:
       raise ValueError(f'{self.where}: class-conditional adherence needs data.label_key='
                        f'{LABEL_KEY!r}, not {config.data.label_key!r}')
+    source = latents.source_data(config.data).name
+    if source != 'shapes':
+      raise ValueError(f'{self.where}: the latents in {config.data.data_dir} were encoded from '
+                       f'{source!r}; adherence needs shapes')
     self.outdir = os.path.join(workdir, 'adherence')
 
   def run(self, state, step):

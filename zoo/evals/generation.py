@@ -24,6 +24,7 @@ import numpy as np
 from data import pipeline as data_pipeline
 from zoo import config as zoo_config
 from zoo import diffusion
+from zoo import latents
 from zoo import sharding
 
 CONDITIONINGS = ('none', 'class', 'text')
@@ -75,6 +76,7 @@ def where(config, cfg):
 
 def real_set(data_cfg, split, num, seed, where):
   """The (cached) RealSet of `num` examples of `split`; ValueError if the split is smaller."""
+  data_cfg = latents.source_data(data_cfg)  # Pre-computed latents: their source's records.
   key = (data_key(data_cfg), split, num, seed)
   if key not in _REAL_SETS:
     source = data_pipeline.get_builder(data_cfg).as_data_source(split)
