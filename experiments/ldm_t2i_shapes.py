@@ -115,6 +115,13 @@ def get_config(arg=None):
       per_prompt=2 if arg.smoke else 6, negative_prompt='', sampler='dpmpp_2m',
       steps=5 if arg.smoke else 20, guidance_scale=4.0, use_ema=True, seed=0,
       upscale=1 if arg.smoke else 2))
+  if not arg.smoke:
+    # The shapes scorer judges samples prompted by the first caption of real examples:
+    # validation holds training compositions, held_out the pairs training never shows.
+    for name, split in (('adherence', 'validation'), ('adherence_held_out', 'held_out')):
+      config.evals[name] = ConfigDict(dict(
+          type='adherence', split=split, num_samples=128, batch_size=64, sampler='dpmpp_2m',
+          steps=20, guidance_scale=4.0, use_ema=True, seed=0, grid=32, upscale=2))
 
   config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = ConfigDict(sharding.DEFAULT_RULES)
