@@ -6,8 +6,11 @@ Each example carries several captions (a `Sequence(Text)` feature) or one (`Text
 time an example appears the pipeline picks one of them from a seed of (data seed, global
 batch index, example index), so the choice is a fixed function of the stream position
 (resume stays exact, and any process count draws the same captions) and a second epoch
-shows other paraphrases. Tokens follow `data.tokenizers`: [BOS] words [EOS] then padding.
+shows other paraphrases. Tokens follow `data.tokenizers`: [BOS] words [EOS] then padding
+('siglip': no BOS).
 """
+
+import os
 
 import numpy as np
 
@@ -18,20 +21,32 @@ SCHEMA_HINT = ("config.data.text = ConfigDict(caption_key='captions', tokenizer=
 
 
 def check_config(text_cfg) -> None:
-  """Raises ValueError for a text config that cannot work, without reading any data."""
+  """Raises ValueError (FileNotFoundError: a missing tokenizer file) for a config that cannot work.
+
+  Reads no data and no tokenizer file.
+  """
   if not text_cfg.caption_key:
     raise ValueError(f'data.text.caption_key must name a text feature; e.g. {SCHEMA_HINT}')
   if text_cfg.tokenizer not in tokenizers.TOKENIZERS:
     raise ValueError(f'data.text.tokenizer={text_cfg.tokenizer!r} is not one of '
                      f'{sorted(tokenizers.TOKENIZERS)}')
+  path_arg = tokenizers.TOKENIZERS[text_cfg.tokenizer].path_arg
+  if path_arg == 'required' and not text_cfg.tokenizer_path:
+    raise ValueError(f'data.text.tokenizer={text_cfg.tokenizer!r} needs data.text.tokenizer_path '
+                     '(its vocabulary file or directory)')
+  if path_arg == 'none' and text_cfg.tokenizer_path:
+    raise ValueError(f'data.text.tokenizer={text_cfg.tokenizer!r} takes no file, but '
+                     f'data.text.tokenizer_path={text_cfg.tokenizer_path!r}')
+  if text_cfg.tokenizer_path and not os.path.exists(text_cfg.tokenizer_path):
+    raise FileNotFoundError(f'data.text.tokenizer_path={text_cfg.tokenizer_path!r}: no such '
+                            'file or directory')
   if text_cfg.max_len < 2:
     raise ValueError(f'data.text.max_len={text_cfg.max_len} must be >= 2 (BOS and EOS)')
 
 
 def build_tokenizer(text_cfg) -> tokenizers.Tokenizer:
   """The tokenizer `config.data.text` names (with its vocabulary file, if any)."""
-  kwargs = {'merges_path': text_cfg.tokenizer_path} if text_cfg.tokenizer_path else {}
-  return tokenizers.get(text_cfg.tokenizer, **kwargs)
+  return tokenizers.from_config(text_cfg)
 
 
 def _as_str(value) -> str:

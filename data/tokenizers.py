@@ -1,41 +1,63 @@
 """Tokenizers: text <-> int32 ids with a padding mask, looked up by name with `get`.
 
-  'shapes'  word level, the vocabulary of the procedural shapes dataset's language;
-  'bytes'   UTF-8 bytes;
-  'clip'    OpenAI CLIP's byte-level BPE, read from a merges file the user gives (no downloads).
+  'shapes'      word level, the vocabulary of the procedural shapes dataset's language;
+  'shapes_bpe'  a CLIP-format BPE trained with the `tokenizers` library on the shapes dataset's
+                language, committed as data/shapes/tokenizer.json; regenerate it byte for byte
+                with `python -m data.tokenizers train-shapes --out data/shapes/tokenizer.json`;
+  'bytes'       UTF-8 bytes;
+  'clip'        OpenAI CLIP's BPE, wired in `tokenizers` as transformers' CLIPTokenizer(Fast),
+                from the user's files (a tokenizer.json, vocab.json + merges.txt, or OpenAI's
+                bpe_simple_vocab_16e6.txt.gz);
+  'siglip'      SigLIP's SentencePiece model (a .model file), as transformers' SiglipTokenizer.
 
-Every tokenizer encodes a text as [BOS] tokens [EOS], padded with `pad_id` (mask False) or
-truncated to `max_len` with EOS kept in the last slot (OpenAI `clip.tokenize(truncate=True)`).
+Every tokenizer encodes a text as [BOS] tokens [EOS] ('siglip' has no BOS), padded with `pad_id`
+(mask False) or truncated to `max_len` with EOS kept in the last slot (OpenAI
+`clip.tokenize(truncate=True)`, big_vision's eos='sticky'). A run's workdir keeps a copy of its
+tokenizer (`save_to_workdir`, called by zoo/train.py) that `load_from_workdir` reads back.
 Legend: B texts, L max_len.
 """
 
+import argparse
 import functools
 import gzip
-import html
-import itertools
-import math
+import json
+import os
 import re
-import sys
-import unicodedata
+import string
 
 import numpy as np
+import sentencepiece
+import tokenizers as hf_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from data.shapes import captions
+from data.shapes import generate
 from data.shapes import grammar
 from data.shapes import questions
 from data.shapes import relations
 
+WORKDIR_SUBDIR = 'tokenizer'
+
 
 class Tokenizer:
-  """Shared `encode`: subclasses give `pad_id`, `bos_id`, `eos_id` and `tokenize(text)`."""
+  """Shared `encode`: subclasses give `pad_id`, `bos_id`, `eos_id` and `tokenize(text)`.
+
+  `path_arg` says whether `get` takes a file (`path=`, config key data.text.tokenizer_path):
+  'none', 'optional' or 'required'.
+  """
 
   pad_id: int
-  bos_id: int
+  bos_id: int | None
   eos_id: int
   vocab_size: int
+  path_arg = 'optional'
 
   def tokenize(self, text: str) -> list[int]:
     """The ids of `text` without BOS/EOS."""
+    raise NotImplementedError
+
+  def files(self) -> dict[str, bytes]:
+    """File name -> content that `get(name, path=directory)` rebuilds this tokenizer from."""
     raise NotImplementedError
 
   def encode(self, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,15 +66,28 @@ class Tokenizer:
       raise TypeError(f'texts must be a list of strings, not the string {texts!r}')
     if max_len < 2:
       raise ValueError(f'max_len={max_len} must be >= 2 (room for BOS and EOS)')
+    bos = [] if self.bos_id is None else [self.bos_id]
     ids_BxL = np.full((len(texts), max_len), self.pad_id, np.int32)
     mask_BxL = np.zeros((len(texts), max_len), bool)
     for b, text in enumerate(texts):
-      seq = [self.bos_id, *self.tokenize(text), self.eos_id]
+      seq = [*bos, *self.tokenize(text), self.eos_id]
       if len(seq) > max_len:
         seq = seq[:max_len - 1] + [self.eos_id]
       ids_BxL[b, :len(seq)] = seq
       mask_BxL[b, :len(seq)] = True
     return ids_BxL, mask_BxL
+
+
+def _file_in(path: str, names: tuple[str, ...], what: str) -> str:
+  """`path` itself if a file, else the first of `names` inside the directory `path`."""
+  if os.path.isfile(path):
+    return path
+  if os.path.isdir(path):
+    for name in names:
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+    raise FileNotFoundError(f'{what}: directory {path} holds none of {list(names)}')
+  raise FileNotFoundError(f'{what}: no such file or directory: {path}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,18 +125,33 @@ def shapes_vocabulary() -> tuple[str, ...]:
 
 
 class ShapesTokenizer(Tokenizer):
-  """Word level over `shapes_vocabulary()`; [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3."""
+  """Word level over `shapes_vocabulary()`; [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3.
+
+  `path` (a vocab.txt, one word a line, or a directory holding one) pins the vocabulary a
+  workdir was trained with, should the dataset's language grow later.
+  """
 
   pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
 
-  def __init__(self):
-    self.vocab = shapes_vocabulary()
+  def __init__(self, path: str = ''):
+    if path:
+      path = _file_in(path, ('vocab.txt',), "tokenizer 'shapes'")
+      with open(path, encoding='utf-8') as f:
+        self.vocab = tuple(f.read().splitlines())
+      if self.vocab[:4] != SHAPES_SPECIALS:
+        raise ValueError(f'{path}: the first lines must be {list(SHAPES_SPECIALS)}')
+    else:
+      self.vocab = shapes_vocabulary()
     self.vocab_size = len(self.vocab)
     self._ids = {w: i for i, w in enumerate(self.vocab)}
 
   def tokenize(self, text: str) -> list[int]:
     """Word ids; words outside the vocabulary become [UNK]."""
     return [self._ids.get(w, self.unk_id) for w in split_words(text)]
+
+  def files(self) -> dict[str, bytes]:
+    """vocab.txt, one word a line."""
+    return {'vocab.txt': ''.join(w + '\n' for w in self.vocab).encode('utf-8')}
 
   def decode(self, ids) -> str:
     """Lower-cased text up to the first EOS; marks are re-attached as the templates write them.
@@ -141,10 +191,15 @@ class BytesTokenizer(Tokenizer):
   pad_id, bos_id, eos_id = 0, 1, 2
   offset = 3
   vocab_size = 256 + 3
+  path_arg = 'none'
 
   def tokenize(self, text: str) -> list[int]:
     """One id per UTF-8 byte."""
     return [b + self.offset for b in text.encode('utf-8')]
+
+  def files(self) -> dict[str, bytes]:
+    """None: the tokenizer is fixed."""
+    return {}
 
   def decode(self, ids) -> str:
     """Text up to the first EOS; invalid UTF-8 (e.g. a truncated character) decodes as U+FFFD."""
@@ -158,11 +213,16 @@ class BytesTokenizer(Tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# 'clip': OpenAI CLIP BPE (openai/CLIP clip/simple_tokenizer.py), without ftfy.
+# 'clip': OpenAI CLIP's BPE in the `tokenizers` library, wired as transformers' CLIPTokenizer.
+# It differs from OpenAI's simple_tokenizer in two places, both only on unusual text: NFC
+# stands in for ftfy's mojibake repair, and HTML entities ('&amp;') are not unescaped.
 
 SOT, EOT, END_OF_WORD = '<|startoftext|>', '<|endoftext|>', '</w>'
 # OpenAI reads lines [1, 49152 - 256 - 2 + 1) of bpe_simple_vocab_16e6.txt.gz: 48894 merges.
 MAX_MERGES = 49152 - 256 - 2
+# OpenAI's pre-tokenizer pattern (simple_tokenizer.py), as transformers spells it.
+CLIP_SPLIT = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
+              r'|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+')
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,45 +239,19 @@ def bytes_to_unicode() -> dict[int, str]:
   return dict(zip(bs, map(chr, cs)))
 
 
-def _char_class(prefix: str) -> str:
-  """Code-point ranges of every character whose Unicode category starts with `prefix`."""
-  ranges, start = [], None
-  for cp in range(sys.maxunicode + 2):
-    hit = cp <= sys.maxunicode and unicodedata.category(chr(cp)).startswith(prefix)
-    if hit and start is None:
-      start = cp
-    elif not hit and start is not None:
-      ranges.append(f'\\U{start:08x}-\\U{cp - 1:08x}')
-      start = None
-  return ''.join(ranges)
+def read_merges(path: str, limit: int | None = None) -> list[tuple[str, str]]:
+  """Merge pairs of a merges.txt or bpe_simple_vocab_16e6.txt(.gz): '#version' header, 'a b' lines.
 
-
-@functools.lru_cache(maxsize=1)
-def clip_pattern() -> re.Pattern:
-  """OpenAI's pre-tokenizer regex; `regex`'s \\p{L} / \\p{N} spelled as stdlib classes."""
-  letters, numbers = _char_class('L'), _char_class('N')
-  return re.compile(
-      rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
-      rf'|[{letters}]+|[{numbers}]|[^\s{letters}{numbers}]+', re.IGNORECASE)
-
-
-def clean_text(text: str) -> str:
-  """simple_tokenizer's basic_clean + whitespace_clean + lower, with NFC in place of ftfy.
-
-  ftfy repairs mojibake; on well-formed text its effect is its NFC normalisation.
+  `limit` keeps the first merges only (OpenAI reads MAX_MERGES of its 262k-line file).
   """
-  text = html.unescape(html.unescape(unicodedata.normalize('NFC', text))).strip()
-  return re.sub(r'\s+', ' ', text).strip().lower()
-
-
-def read_merges(path: str) -> list[tuple[str, str]]:
-  """Merge pairs from a bpe_simple_vocab_16e6.txt(.gz)-format file: a header line, 'a b' lines."""
   with open(path, 'rb') as f:
     raw = f.read()
   if raw[:2] == b'\x1f\x8b':
     raw = gzip.decompress(raw)
-  lines = raw.decode('utf-8').split('\n')[1:MAX_MERGES + 1]
-  merges = [tuple(line.split()) for line in lines if line.strip()]
+  lines = raw.decode('utf-8').split('\n')
+  if lines and '#version' in lines[0]:
+    lines = lines[1:]
+  merges = [tuple(line.split()) for line in lines if line.strip()][:limit]
   bad = [m for m in merges if len(m) != 2]
   if bad:
     raise ValueError(f'merges file {path}: lines must be two symbols, got {bad[0]}')
@@ -230,80 +264,267 @@ def clip_vocabulary(merges: list[tuple[str, str]]) -> list[str]:
   return [*chars, *(c + END_OF_WORD for c in chars), *(a + b for a, b in merges), SOT, EOT]
 
 
-def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-  """Merges every non-overlapping occurrence of `pair`, left to right."""
-  out, i = [], 0
-  while i < len(word):
-    if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-      out.append(word[i] + word[i + 1])
-      i += 2
-    else:
-      out.append(word[i])
-      i += 1
-  return tuple(out)
+def _wire_clip(tok: hf_tokenizers.Tokenizer) -> hf_tokenizers.Tokenizer:
+  """CLIP's normalizer (NFC, whitespace runs -> ' ', lower case), pre-tokenizer and decoder."""
+  tok.normalizer = normalizers.Sequence([
+      normalizers.NFC(), normalizers.Replace(hf_tokenizers.Regex(r'\s+'), ' '),
+      normalizers.Lowercase()])
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(hf_tokenizers.Regex(CLIP_SPLIT), behavior='removed', invert=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  tok.decoder = decoders.ByteLevel()
+  return tok
+
+
+def clip_pipeline(vocab: dict[str, int], merges: list[tuple[str, str]]) -> hf_tokenizers.Tokenizer:
+  """The `tokenizers.Tokenizer` transformers' CLIPTokenizer builds from vocab.json + merges.txt."""
+  for special in (SOT, EOT):
+    if special not in vocab:
+      raise ValueError(f'CLIP vocabulary lacks {special!r}')
+  tok = _wire_clip(hf_tokenizers.Tokenizer(models.BPE(
+      vocab=vocab, merges=merges, continuing_subword_prefix='', end_of_word_suffix=END_OF_WORD,
+      fuse_unk=False, unk_token=EOT)))
+  tok.add_special_tokens([hf_tokenizers.AddedToken(s, normalized=False, special=True)
+                          for s in (SOT, EOT)])
+  tok.post_processor = processors.RobertaProcessing(
+      (EOT, vocab[EOT]), (SOT, vocab[SOT]), trim_offsets=False, add_prefix_space=False)
+  return tok
+
+
+def _load_clip(path: str, merges_path: str, vocab_path: str) -> hf_tokenizers.Tokenizer:
+  """From a tokenizer.json, a directory, vocab.json + merges.txt, or a merges file alone."""
+  if path and os.path.isdir(path):
+    if not os.path.isfile(os.path.join(path, 'tokenizer.json')):
+      merges_path, vocab_path = (os.path.join(path, n) for n in ('merges.txt', 'vocab.json'))
+      for name in (merges_path, vocab_path):
+        if not os.path.isfile(name):
+          raise FileNotFoundError(f"tokenizer 'clip': {path} holds neither tokenizer.json nor "
+                                  f'{os.path.basename(name)}')
+      path = ''
+  if path:
+    path = _file_in(path, ('tokenizer.json',), "tokenizer 'clip'")
+    if path.endswith('.json'):
+      return hf_tokenizers.Tokenizer.from_file(path)
+    merges_path = path
+  if vocab_path:
+    with open(vocab_path, encoding='utf-8') as f:
+      vocab = json.load(f)
+    return clip_pipeline(vocab, read_merges(merges_path))
+  # OpenAI's merges-only file: the vocabulary follows from the merges.
+  merges = read_merges(merges_path, MAX_MERGES)
+  return clip_pipeline({s: i for i, s in enumerate(clip_vocabulary(merges))}, merges)
 
 
 class ClipTokenizer(Tokenizer):
-  """OpenAI CLIP BPE. SOT/EOT are the last two ids; padding is id 0 ('!'), as `clip.tokenize`.
+  """OpenAI CLIP BPE. Padding is id 0 ('!'), as `clip.tokenize` (transformers pads with EOT).
 
-  Since pad id 0 is also '!', only the mask tells padding from text.
+  Since pad id 0 is also '!', only the mask tells padding from text. `path` is a
+  tokenizer.json, a directory holding one (or vocab.json + merges.txt), or a merges file
+  whose vocabulary then follows OpenAI's order (`clip_vocabulary`); `merges_path` with an
+  optional `vocab_path` names the files one by one.
   """
 
   pad_id = 0
+  path_arg = 'required'
 
-  def __init__(self, merges_path: str):
-    self.ranks = {m: r for r, m in enumerate(read_merges(merges_path))}
-    self.vocab = clip_vocabulary(list(self.ranks))
-    self.vocab_size = len(self.vocab)
-    self.encoder = {s: i for i, s in enumerate(self.vocab)}
-    self.bos_id, self.eos_id = self.encoder[SOT], self.encoder[EOT]
-    self.byte_encoder = bytes_to_unicode()
-    self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-    self._cache = {SOT: (SOT,), EOT: (EOT,)}
-
-  def bpe(self, token: str) -> tuple[str, ...]:
-    """BPE symbols of one pre-token (byte-encoded): merge the lowest-ranked pair until none."""
-    if token not in self._cache:
-      word = (*token[:-1], token[-1] + END_OF_WORD)
-      while len(word) > 1:
-        pair = min(itertools.pairwise(word), key=lambda p: self.ranks.get(p, math.inf))
-        if pair not in self.ranks:
-          break
-        word = _merge(word, pair)
-      self._cache[token] = word
-    return self._cache[token]
+  def __init__(self, path: str = '', *, merges_path: str = '', vocab_path: str = ''):
+    if bool(path) == bool(merges_path) or (vocab_path and not merges_path):
+      raise ValueError("tokenizer 'clip' needs path=<tokenizer.json, directory or merges file> "
+                       '(data.text.tokenizer_path) or merges_path=[, vocab_path=]')
+    self.backend = _load_clip(path, merges_path, vocab_path)
+    self.backend.no_truncation()
+    self.backend.no_padding()
+    self.bos_id, self.eos_id = self.backend.token_to_id(SOT), self.backend.token_to_id(EOT)
+    if self.bos_id is None or self.eos_id is None:
+      raise ValueError(f'tokenizer file {path or merges_path}: no {SOT!r} / {EOT!r} tokens, '
+                       'not a CLIP BPE')
+    self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
 
   def tokenize(self, text: str) -> list[int]:
-    """BPE ids of the cleaned, lower-cased text."""
-    ids = []
-    for token in clip_pattern().findall(clean_text(text)):
-      token = ''.join(self.byte_encoder[b] for b in token.encode('utf-8'))
-      ids.extend(self.encoder[s] for s in self.bpe(token))
-    return ids
+    """BPE ids of the normalised (NFC, whitespace-collapsed, lower-cased) text."""
+    return self.backend.encode(text, add_special_tokens=False).ids
+
+  def files(self) -> dict[str, bytes]:
+    """tokenizer.json: the whole pipeline, whatever files it was read from."""
+    return {'tokenizer.json': self.backend.to_str(pretty=True).encode('utf-8')}
 
   def decode(self, ids) -> str:
     """Text up to the first EOT, SOT dropped; '</w>' becomes a space, trailing space stripped."""
-    symbols = []
+    kept = []
     for i in np.asarray(ids).reshape(-1).tolist():
       if i == self.eos_id:
         break
-      if i != self.bos_id:
-        symbols.append(self.vocab[i])
-    text = bytearray(self.byte_decoder[c] for c in ''.join(symbols))
-    return text.decode('utf-8', errors='replace').replace(END_OF_WORD, ' ').strip()
+      kept.append(i)
+    text = self.backend.decode(kept, skip_special_tokens=True)
+    return text.replace(END_OF_WORD, ' ').strip()
 
 
-TOKENIZERS = {'shapes': ShapesTokenizer, 'bytes': BytesTokenizer, 'clip': ClipTokenizer}
+# ---------------------------------------------------------------------------------------------
+# 'shapes_bpe': a CLIP-format BPE learned from the shapes dataset's language.
+#
+# BPE rather than WordPiece or Unigram: its training only counts pairs, so it is exactly
+# reproducible (Unigram's EM is floating point); byte-level symbols mean any text, e.g. a
+# free-text search query, encodes without [UNK] (WordPiece maps unseen characters to [UNK]);
+# and in CLIP's format it loads in `ClipTokenizer` and transformers' CLIPTokenizer alike, with
+# EOT the largest id as CLIP's argmax pooling expects. The 512 byte symbols cost little. With
+# no vocabulary cap, every word the data uses becomes one token (241 merges); words the
+# templates allow but the data never shows ('close together', 'zero') stay in pieces.
+
+SHAPES_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(generate.__file__)),
+                               'tokenizer.json')
+SHAPES_BPE_SCENES = 1000  # The first training scenes of the default dataset (GenSpec()).
+
+
+def shapes_corpus(num_scenes: int = SHAPES_BPE_SCENES) -> list[str]:
+  """Captions, questions and answers of the default shapes dataset's first training scenes.
+
+  Questions and answers are included so a VQA model can share the tokenizer.
+  """
+  spec = generate.GenSpec()
+  texts = []
+  for i in range(num_scenes):
+    lang = generate.language(spec, 'train', i, generate.make_scene(spec, 'train', i))
+    texts += lang['captions'] + lang['questions'] + lang['answers']
+  return texts
+
+
+def train_shapes_bpe(texts: list[str]) -> hf_tokenizers.Tokenizer:
+  """CLIP's pipeline with merges learned on `texts`: every pair seen twice or more is merged."""
+  learner = _wire_clip(hf_tokenizers.Tokenizer(models.BPE(end_of_word_suffix=END_OF_WORD)))
+  trainer = trainers.BpeTrainer(vocab_size=1 << 16, min_frequency=2, show_progress=False,
+                                end_of_word_suffix=END_OF_WORD)
+  learner.train_from_iterator(texts, trainer)
+  merges = [tuple(m) for m in json.loads(learner.to_str())['model']['merges']]
+  vocab = clip_vocabulary(merges)
+  if len(set(vocab)) != len(vocab):
+    raise ValueError('two merges produced the same symbol; CLIP order needs unique symbols')
+  return clip_pipeline({s: i for i, s in enumerate(vocab)}, merges)
+
+
+class ShapesBpeTokenizer(ClipTokenizer):
+  """`ClipTokenizer` over data/shapes/tokenizer.json (or `path`, e.g. a workdir's copy)."""
+
+  path_arg = 'optional'
+
+  def __init__(self, path: str = ''):
+    super().__init__(path or SHAPES_BPE_PATH)
+
+
+# ---------------------------------------------------------------------------------------------
+# 'siglip': SentencePiece, as transformers' SiglipTokenizer.
+
+
+class SiglipTokenizer(Tokenizer):
+  """SigLIP text: canonicalised text -> SentencePiece ids, then '</s>'; no BOS; pad '</s>'.
+
+  Canonical text is lower case, ASCII punctuation removed, whitespace runs collapsed, stripped
+  (transformers' `canonicalize_text`; big_vision's SigLIP lower-cases but keeps punctuation).
+  Padding with EOS is big_vision's eos='sticky', pad_value=1 (for c4_en, '</s>' = 1).
+  Unlike transformers, a literal '</s>' in the text stays text. `path` is a .model file or a
+  directory holding spiece.model.
+  """
+
+  path_arg = 'required'
+  _PUNCTUATION = str.maketrans('', '', string.punctuation)
+
+  def __init__(self, path: str = ''):
+    if not path:
+      raise ValueError("tokenizer 'siglip' needs path=<spiece.model> (data.text.tokenizer_path)")
+    path = _file_in(path, ('spiece.model',), "tokenizer 'siglip'")
+    self.processor = sentencepiece.SentencePieceProcessor(model_file=path)
+    self.eos_id = self.processor.piece_to_id('</s>')
+    if self.eos_id == self.processor.unk_id():
+      raise ValueError(f'SentencePiece model {path} has no </s> piece')
+    self.bos_id, self.pad_id = None, self.eos_id
+    self.vocab_size = self.processor.get_piece_size()
+
+  def canonicalize(self, text: str) -> str:
+    """Lower case, no ASCII punctuation, single spaces, stripped."""
+    text = text.replace('\u2581', ' ').lower().translate(self._PUNCTUATION)
+    return re.sub(r'\s+', ' ', text).strip()
+
+  def tokenize(self, text: str) -> list[int]:
+    """SentencePiece ids of the canonical text."""
+    return self.processor.encode(self.canonicalize(text))
+
+  def files(self) -> dict[str, bytes]:
+    """spiece.model (transformers' file name)."""
+    return {'spiece.model': self.processor.serialized_model_proto()}
+
+  def decode(self, ids) -> str:
+    """Text up to the first EOS."""
+    ids = np.asarray(ids).reshape(-1).tolist()
+    return self.processor.decode(ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookup, config and workdir.
+
+TOKENIZERS = {'shapes': ShapesTokenizer, 'shapes_bpe': ShapesBpeTokenizer,
+              'bytes': BytesTokenizer, 'clip': ClipTokenizer, 'siglip': SiglipTokenizer}
 
 
 def get(name: str, **kwargs) -> Tokenizer:
-  """The tokenizer `name` ('shapes', 'bytes', or 'clip' with merges_path=...)."""
+  """The tokenizer `name`; `path=` names its file(s) where it takes one (see the module doc)."""
   if name not in TOKENIZERS:
     raise ValueError(f'tokenizer {name!r} is not one of {sorted(TOKENIZERS)}')
-  if name == 'clip':
-    path = kwargs.get('merges_path')
-    if not path:
-      raise ValueError("tokenizer 'clip' needs merges_path=<bpe_simple_vocab_16e6.txt.gz>")
-    with open(path, 'rb'):  # FileNotFoundError names the path before any parsing.
-      pass
+  if TOKENIZERS[name].path_arg == 'none' and kwargs:
+    raise ValueError(f'tokenizer {name!r} takes no file (data.text.tokenizer_path), '
+                     f'got {sorted(kwargs)}')
   return TOKENIZERS[name](**kwargs)
+
+
+def from_config(text_cfg) -> Tokenizer:
+  """The tokenizer `config.data.text` names, with `tokenizer_path` if set."""
+  kwargs = {'path': text_cfg.tokenizer_path} if text_cfg.tokenizer_path else {}
+  return get(text_cfg.tokenizer, **kwargs)
+
+
+def save(tokenizer: Tokenizer, directory: str) -> list[str]:
+  """Writes `tokenizer.files()` into `directory`; returns their paths.
+
+  A file already there must be identical: a workdir's checkpoints hold ids of one tokenizer.
+  """
+  written = []
+  for name, content in tokenizer.files().items():
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      with open(path, 'rb') as f:
+        if f.read() != content:
+          raise ValueError(f'{path} holds another tokenizer than data.text names, the one the '
+                           "workdir's checkpoints were trained with: use a new workdir (or "
+                           'delete the file if the ids did not change)')
+    else:
+      os.makedirs(directory, exist_ok=True)
+      with open(path, 'wb') as f:
+        f.write(content)
+    written.append(path)
+  return written
+
+
+def save_to_workdir(workdir: str, text_cfg) -> list[str]:
+  """Copies the tokenizer of `config.data.text` into WORKDIR/tokenizer/ (see `save`)."""
+  return save(from_config(text_cfg), os.path.join(workdir, WORKDIR_SUBDIR))
+
+
+def load_from_workdir(workdir: str, text_cfg) -> Tokenizer:
+  """The tokenizer a run in `workdir` saved, of the kind `text_cfg.tokenizer` names."""
+  if text_cfg.tokenizer in TOKENIZERS and TOKENIZERS[text_cfg.tokenizer].path_arg == 'none':
+    return get(text_cfg.tokenizer)
+  return get(text_cfg.tokenizer, path=os.path.join(workdir, WORKDIR_SUBDIR))
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m data.tokenizers train-shapes --out PATH`: (re)trains the 'shapes_bpe' file."""
+  parser = argparse.ArgumentParser(prog='python -m data.tokenizers')
+  commands = parser.add_subparsers(dest='command', required=True)
+  train = commands.add_parser('train-shapes', help='train the shapes BPE (deterministic)')
+  train.add_argument('--out', required=True, help=f'tokenizer.json to write ({SHAPES_BPE_PATH})')
+  args = parser.parse_args(argv)
+  tok = train_shapes_bpe(shapes_corpus())
+  tok.save(args.out)
+  print(f'wrote {args.out}: {tok.get_vocab_size()} tokens')
+
+
+if __name__ == '__main__':
+  main()

@@ -12,17 +12,11 @@ tokens in every block, the pooled caption added to the timestep embedding in ada
 Arguments: as experiments/ldm_t2i_shapes.py (smoke, steps, vae, latents).
 """
 
-import importlib.util
-import os
 
 from zoo import config as zoo_config
 
 
 def get_config(arg=None):
   arg = zoo_config.parse_arg(arg, smoke=False, steps=0, vae='workdirs/vae_shapes', latents='')
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ldm_t2i_shapes.py')
-  spec = importlib.util.spec_from_file_location('ldm_t2i_shapes', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(f'smoke={arg.smoke},steps={arg.steps},vae={arg.vae},model=dit,'
+  return zoo_config.sibling(__file__, 'ldm_t2i_shapes').get_config(f'smoke={arg.smoke},steps={arg.steps},vae={arg.vae},model=dit,'
                            f'latents={arg.latents}')

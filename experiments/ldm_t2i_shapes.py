@@ -25,8 +25,6 @@ experiments/dit_t2i_shapes.py), latents (a `zoo latents --out` directory to read
 pre-computed posteriors from; '' = encode every batch).
 """
 
-import importlib.util
-import os
 
 from zoo import config as zoo_config
 from zoo import latents as zoo_latents
@@ -46,11 +44,7 @@ RESOLUTION = 64
 
 def vae_model(smoke):
   """The VAE architecture of experiments/vae_shapes.py (this run loads its params)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'vae_shapes.py')
-  spec = importlib.util.spec_from_file_location('vae_shapes', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(f'smoke={smoke}').model
+  return zoo_config.sibling(__file__, 'vae_shapes').get_config(f'smoke={smoke}').model
 
 
 def denoiser(kind, smoke, text_width, vae):

@@ -101,6 +101,19 @@ def test_pass_step_hands_the_step_to_the_loss_and_frozen_params_stay():
   assert moments < 2 * 4 + 4  # Adam moments of a and b only (plus counts), none for c.
 
 
+def test_weight_decay_spares_biases_and_scalars():
+  cfg = smoke_config('--config.optim.weight_decay=0.5', '--config.optim.lr=0.1',
+                     '--config.optim.warmup_steps=0',
+                     '--config.optim.grad_clip_norm=0.0').optim
+  tx, _ = optim.make(cfg, 10)
+  params = {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3), 'logit_scale': jnp.ones(())}
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  # Zero gradients: only the decay moves anything, and only the matrix.
+  assert float(new['kernel'][0, 0]) < 1.0
+  assert float(new['bias'][0]) == 1.0 and float(new['logit_scale']) == 1.0
+
+
 def test_lr_schedule_warmup_and_decay():
   cfg = smoke_config('--config.optim.warmup_steps=10', '--config.optim.lr=1.0').optim
   sched = optim.lr_schedule(cfg, 110)

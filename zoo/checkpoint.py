@@ -6,11 +6,27 @@ sees exactly the batches an uninterrupted one would. Before any restore the stor
 compared with the one this config builds, and a mismatch lists the differing keys and shapes.
 """
 
+import logging
 import os
+import typing
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger('zoo')
+
+
+class Source(typing.NamedTuple):
+  """Where a task's pretrained part of the params comes from (its `task.pretrained` values).
+
+  `subtree`: the top-level entry of that run's params ('' = all of them); `ignore`: top-level
+  entries of that tree the part lacks on purpose (a ViT classifier's `classifier` layer).
+  """
+  workdir: str
+  subtree: str
+  use_ema: bool = True
+  ignore: tuple = ()
 
 
 class Checkpointer:
@@ -55,11 +71,14 @@ class Checkpointer:
     self._manager.close()
 
 
-def load_params(directory, abstract_params, *, use_ema=False, subtree=''):
+def load_params(directory, abstract_params, *, use_ema=False, subtree='', ignore=()):
   """Params (or EMA params) of the latest checkpoint of another run, for `config.init_from`.
 
   With `subtree` only that top-level entry of the run's params is read (e.g. the 'vae' of a
   VAE run, frozen inside a latent-diffusion run); `abstract_params` then describes it alone.
+  `ignore` names top-level entries of the stored tree the model lacks on purpose (a ViT
+  classifier's `classifier` when its tower goes into a dual encoder): they are left out and
+  logged; every other difference still raises.
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
@@ -78,6 +97,10 @@ def load_params(directory, abstract_params, *, use_ema=False, subtree=''):
     if subtree not in stored:
       raise ValueError(f'checkpoint {where} has no {subtree!r} params; it has {sorted(stored)}')
     stored, where = stored[subtree], f'{where}/{subtree}'
+  left_out = sorted(k for k in ignore if k in stored and k not in abstract_params)
+  if left_out:
+    log.info('%s: leaving out %s (not part of this model)', where, left_out)
+    stored = {k: v for k, v in stored.items() if k not in left_out}
   check_compatible(stored, abstract_params, where)
   item = {key: {subtree: abstract_params} if subtree else abstract_params}
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

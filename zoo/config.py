@@ -56,9 +56,7 @@ def load(spec, overrides=()):
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'experiment file not found: {path!r}')
-  module_spec = importlib.util.spec_from_file_location('zoo_experiment', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = experiment_module(path)
   if not hasattr(module, 'get_config'):
     raise ValueError(f'{path} defines no get_config(arg)')
   config = module.get_config(arg or None)
@@ -69,6 +67,20 @@ def load(spec, overrides=()):
     override(config, key.removeprefix('--').removeprefix('config.'), value)
   validate(config)
   return config
+
+
+def experiment_module(path, name='zoo_experiment'):
+  """The experiment file at `path` as a module (experiment files may build on each other)."""
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def sibling(file, name):
+  """experiments/<name>.py as a module, from the experiment file `file` (its `__file__`)."""
+  return experiment_module(os.path.join(os.path.dirname(os.path.abspath(file)), f'{name}.py'),
+                           name)
 
 
 def parse_arg(arg, **defaults):

@@ -5,6 +5,8 @@
   zoo sample --workdir DIR --prompt "a red star." [--negative-prompt "..."] --num N --out grid.png
   zoo eval   --workdir DIR
   zoo latents --config experiments/NAME.py[:key=value,...] --out DIR [--split S ...]
+  zoo index  --workdir DIR (--images IMGDIR | --dataset name[/config]:split) --out INDEX
+  zoo search INDEX "a small red star." [-k 5] [--image PATH] [--json] [--out top.png]
 """
 
 import argparse
@@ -44,6 +46,23 @@ def _parser():
   latents.add_argument('--split', action='append', default=None,
                        help='a split to encode; repeat for several (default: train and eval)')
   latents.add_argument('--batch-size', type=int, default=64)
+  index = sub.add_parser('index', help="embed images with a dual encoder run into a search index")
+  index.add_argument('--workdir', required=True, help='a contrastive (CLIP / SigLIP) run')
+  source = index.add_mutually_exclusive_group(required=True)
+  source.add_argument('--images', help='a directory of PNG / JPEG files (searched recursively)')
+  source.add_argument('--dataset', help='name[/config]:split, e.g. shapes:test')
+  index.add_argument('--out', required=True, help='the index directory to write')
+  index.add_argument('--batch-size', type=int, default=64)
+  index.add_argument('--no-ema', action='store_true', help='embed with the raw, not EMA, params')
+  index.add_argument('--overwrite', action='store_true', help='replace an existing index')
+  search = sub.add_parser('search', help='the best matches of a text or image in an index')
+  search.add_argument('index', help='a directory written by `zoo index`')
+  search.add_argument('query', nargs='?', default=None, help='the text to search for')
+  search.add_argument('--image', default=None, help='search with this image instead of a text')
+  search.add_argument('-k', type=int, default=5, help='how many results')
+  search.add_argument('--json', action='store_true', help='print the results as JSON')
+  search.add_argument('--out', default=None, help='also write a PNG contact sheet of the results')
+  search.add_argument('--workdir', default=None, help="the run (default: the index's own)")
   return parser
 
 
@@ -76,6 +95,18 @@ def main(argv=None):
       builder = latents.precompute(zoo_config.load(args.config, overrides), args.out,
                                    splits=args.split or (), batch_size=args.batch_size)
       print(builder.data_dir)
+    elif args.command == 'index':
+      from zoo import search
+      print(search.build_index(args.workdir, args.out, images=args.images, dataset=args.dataset,
+                               batch_size=args.batch_size, use_ema=not args.no_ema,
+                               overwrite=args.overwrite))
+    elif args.command == 'search':
+      from zoo import search
+      results = search.search(args.index, text=args.query, image=args.image, k=args.k,
+                              workdir=args.workdir)
+      print(json.dumps(results, indent=2) if args.json else search.format_results(results))
+      if args.out:
+        search.contact_sheet(args.index, results, args.out)
     else:
       print(json.dumps(runs.evaluate(args.workdir), indent=2))
   except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -36,7 +36,8 @@ def make(optim_config, total_steps, frozen=()):
   cfg = optim_config
   schedule = lr_schedule(cfg, total_steps)
   if cfg.name == 'adamw':
-    core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       mask=decay_mask)
   elif cfg.name == 'adam':
     core = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   elif cfg.name == 'sgd':
@@ -49,6 +50,15 @@ def make(optim_config, total_steps, frozen=()):
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
                                functools.partial(_labels, frozen=tuple(frozen)))
   return tx, schedule
+
+
+def decay_mask(params):
+  """True for the matrices and kernels that weight decay shrinks; False for the rest.
+
+  Biases, norm gains and learned scalars (CLIP's temperature, SigLIP's bias) are not decayed,
+  as in OpenCLIP: decaying the log-temperature would pull the logits' scale towards 1.
+  """
+  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
 def _labels(params, frozen):

@@ -20,6 +20,7 @@ import optax
 import tqdm
 
 import data as data_lib
+from data import tokenizers
 from zoo import checkpoint
 from zoo import config as zoo_config
 from zoo import evals
@@ -155,7 +156,7 @@ def _first_state(s, ckpt, data, rng):
   for key, source in getattr(s.task, 'pretrained', {}).items():
     params = {**params, key: checkpoint.load_params(
         os.path.join(source.workdir, 'checkpoints'), s.abstract_state['params'][key],
-        use_ema=source.use_ema, subtree=source.subtree)}
+        use_ema=source.use_ema, subtree=source.subtree, ignore=source.ignore)}
     log.info('params[%r] from %s (%s)', key, source.workdir, source.subtree)
   if hasattr(s.task, 'check_pretrained'):
     s.task.check_pretrained(params)
@@ -210,6 +211,8 @@ def train_and_evaluate(config, workdir):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(zoo_config.to_json(config))
+    if 'text' in config.data:  # A workdir carries the tokenizer its checkpoints' ids come from.
+      tokenizers.save_to_workdir(workdir, config.data.text)
   train_cfg = config.train
   data = _train_data(config)
   s = setup(config, data.spec())

@@ -1,7 +1,8 @@
 """The evaluator registry: `config.evals.<name>.type` -> an evaluator with `run(state, step)`."""
 
 from zoo import config as zoo_config
-from zoo.evals import accuracy, adherence, fd, loss, reconstruction, sample_grid
+from zoo.evals import (accuracy, adherence, fd, loss, reconstruction, retrieval, sample_grid,
+                       zero_shot)
 
 EVALUATORS = {
     'accuracy': accuracy.Accuracy,
@@ -10,7 +11,9 @@ EVALUATORS = {
     'loss': loss.EvalLoss,
     'prompt_grid': sample_grid.PromptGrid,
     'reconstruction': reconstruction.Reconstruction,
+    'retrieval': retrieval.Retrieval,
     'sample_grid': sample_grid.SampleGrid,
+    'zero_shot': zero_shot.ZeroShot,
 }
 
 

@@ -1,15 +1,17 @@
-"""Text transformer: the CLIP text tower, with Hugging Face `CLIPTextModel` parameter names.
+"""Text transformer: the CLIP and SigLIP text towers, with Hugging Face parameter names.
 
-Legend: B batch, L tokens, D width, A heads, K head width (D / A), F MLP width, P pooled width
-(projection_dim, or D without a projection).
+Legend: B batch, L tokens, M key positions, D width, A heads, K head width (D / A), F MLP
+width, P pooled width (projection_dim or head_dim, or D without either).
 
 Parameter paths mirror HF so a state dict converts mechanically (zoo/convert/transformers.py):
   embeddings/{token_embedding, position_embedding}/embedding,
   encoder/layers_i/{self_attn/{q_proj, k_proj, v_proj, out_proj}, layer_norm1, mlp/{fc1, fc2},
-  layer_norm2}, final_layer_norm, text_projection (no bias; only with projection_dim > 0).
+  layer_norm2}, final_layer_norm, then text_projection (CLIP: no bias; projection_dim > 0) or
+  head (SigLIP `SiglipTextModel.head`: with bias; head_dim > 0).
 Blocks are pre-LN: x + attn(LN1(x)), then x + mlp(LN2(x)). OpenAI CLIP uses QuickGELU
-x * sigmoid(1.702 x), a causal mask and EOS pooling; SigLIP-style towers use GELU, no causal
-mask and last-token pooling.
+x * sigmoid(1.702 x), a causal mask and EOS pooling; SigLIP uses tanh-GELU, no causal mask,
+last-token pooling and the `head`. The same encoder serves the ViT (zoo/models/vit.py): HF
+names its vision layers identically.
 """
 
 import dataclasses
@@ -24,15 +26,25 @@ from zoo.nn import layers
 ACT_AXES = ('act_batch', 'act_len', 'act_emb')
 ACTS = ('quick_gelu', 'gelu', 'gelu_tanh')
 POOLS = ('eos', 'argmax', 'last', 'mean')
+# Embedding init: OpenAI CLIP (token std 0.02, position 0.01) or big_vision / SigLIP (both
+# 1/sqrt(D), Flax's default embedding init).
+EMBED_INITS = ('clip', 'siglip')
 # The OpenAI CLIP text towers (HF openai/clip-vit-{base-patch32,large-patch14}).
 _CLIP = dict(vocab_size=49408, max_len=77, depth=12, act='quick_gelu', causal=True,
              pool='argmax', eos_token_id=49407)
 PRESETS: dict[str, dict[str, Any]] = {
     'clip-vit-b32-text': _CLIP | dict(width=512, num_heads=8, projection_dim=512),
     'clip-vit-l14-text': _CLIP | dict(width=768, num_heads=12, projection_dim=768),
+    # HF google/siglip-base-patch16-224 (its text config: pad = EOS = 1, pool the last slot).
+    'siglip-base-text': dict(vocab_size=32000, max_len=64, width=768, depth=12, num_heads=12,
+                             act='gelu_tanh', causal=False, pool='last', eos_token_id=1,
+                             projection_dim=0, head_dim=768, embed_init='siglip', norm_eps=1e-6),
     # CPU-sized, over data.tokenizers 'shapes' (113 words, [EOS] = 2).
     'tiny': dict(vocab_size=113, max_len=32, width=32, depth=2, num_heads=4, act='gelu',
                  causal=True, pool='eos', eos_token_id=2, projection_dim=32),
+    'tiny-siglip': dict(vocab_size=113, max_len=32, width=32, depth=2, num_heads=4,
+                        act='gelu_tanh', causal=False, pool='last', eos_token_id=2,
+                        projection_dim=0, head_dim=32, embed_init='siglip', norm_eps=1e-6),
 }
 
 
@@ -53,8 +65,8 @@ def _dense(features, axes, std, dtype, name, use_bias=True):
                   bias_init=_init(nn.initializers.zeros_init(), (axes[1],)), name=name)
 
 
-def _layer_norm(eps, name):
-  # float32 with a two-pass variance, as CLIP's fp16-safe LayerNorm.
+def layer_norm(eps, name):
+  """LayerNorm in float32 with a two-pass variance, as CLIP's fp16-safe LayerNorm."""
   return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
                       use_fast_variance=False, name=name)
 
@@ -66,27 +78,34 @@ def _activation(name, x):
 
 
 class SelfAttention(nn.Module):
-  """HF `CLIPAttention`: separate q/k/v/out projections, logits and softmax in float32."""
+  """HF `CLIPAttention`: separate q/k/v/out projections, logits and softmax in float32.
+
+  `allowed_BxLxM` None attends everywhere. With `kv_BxMxD` the keys and values come from it
+  instead of the queries' input: the SigLIP MAP head's probe attends to the image tokens.
+  """
   num_heads: int
   depth: int
   dtype: Any
 
   @nn.compact
-  def __call__(self, x_BxLxD, allowed_BxLxL):
+  def __call__(self, x_BxLxD, allowed_BxLxM=None, kv_BxMxD=None):
+    kv_BxMxD = x_BxLxD if kv_BxMxD is None else kv_BxMxD
     batch, length, width = x_BxLxD.shape
     heads, head_dim = self.num_heads, width // self.num_heads
     # OpenAI init: attn std w^-1/2; residual projections w^-1/2 (2 depth)^-1/2.
     attn_std, proj_std = width ** -0.5, width ** -0.5 * (2 * self.depth) ** -0.5
-    q, k, v = (_dense(width, ('embed', 'heads'), attn_std, self.dtype, f'{n}_proj')(x_BxLxD)
-               .reshape(batch, length, heads, head_dim) for n in 'qkv')
-    logits_BxAxLxL = jnp.einsum('bqak,bmak->baqm', q, k,
+    q, k, v = (_dense(width, ('embed', 'heads'), attn_std, self.dtype, f'{n}_proj')(inputs)
+               .reshape(batch, inputs.shape[1], heads, head_dim)
+               for n, inputs in zip('qkv', (x_BxLxD, kv_BxMxD, kv_BxMxD)))
+    logits_BxAxLxM = jnp.einsum('bqak,bmak->baqm', q, k,
                                 preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    # `where` with the finite minimum, not an additive -inf: a fully masked query row (e.g. a
-    # leading pad) then becomes a uniform average instead of NaN.
-    logits_BxAxLxL = jnp.where(allowed_BxLxL[:, None], logits_BxAxLxL,
-                               jnp.finfo(jnp.float32).min)
-    probs_BxAxLxL = jax.nn.softmax(logits_BxAxLxL, axis=-1).astype(self.dtype)
-    out_BxLxAxK = jnp.einsum('baqm,bmak->bqak', probs_BxAxLxL, v)
+    if allowed_BxLxM is not None:
+      # `where` with the finite minimum, not an additive -inf: a fully masked query row (e.g. a
+      # leading pad) then becomes a uniform average instead of NaN.
+      logits_BxAxLxM = jnp.where(allowed_BxLxM[:, None], logits_BxAxLxM,
+                                 jnp.finfo(jnp.float32).min)
+    probs_BxAxLxM = jax.nn.softmax(logits_BxAxLxM, axis=-1).astype(self.dtype)
+    out_BxLxAxK = jnp.einsum('baqm,bmak->bqak', probs_BxAxLxM, v)
     return _dense(width, ('heads', 'embed'), proj_std, self.dtype, 'out_proj')(
         out_BxLxAxK.reshape(batch, length, width))
 
@@ -118,29 +137,31 @@ class EncoderLayer(nn.Module):
   dtype: Any
 
   @nn.compact
-  def __call__(self, x_BxLxD, allowed_BxLxL):
+  def __call__(self, x_BxLxD, allowed_BxLxL=None):
     # The residual stream stays float32 under bf16 compute; only sublayer inputs are cast.
-    h = _layer_norm(self.norm_eps, 'layer_norm1')(x_BxLxD).astype(self.dtype)
+    h = layer_norm(self.norm_eps, 'layer_norm1')(x_BxLxD).astype(self.dtype)
     x_BxLxD = x_BxLxD + SelfAttention(self.num_heads, self.depth, self.dtype, name='self_attn')(
         h, allowed_BxLxL).astype(jnp.float32)
-    h = _layer_norm(self.norm_eps, 'layer_norm2')(x_BxLxD).astype(self.dtype)
+    h = layer_norm(self.norm_eps, 'layer_norm2')(x_BxLxD).astype(self.dtype)
     return x_BxLxD + Mlp(self.mlp_dim, self.act, self.depth, self.dtype, name='mlp')(h).astype(
         jnp.float32)
 
 
 class Embeddings(nn.Module):
-  """Token plus learned position embeddings (OpenAI init: std 0.02 and 0.01)."""
+  """Token plus learned position embeddings (init: see EMBED_INITS)."""
   vocab_size: int
   max_len: int
   width: int
+  embed_init: str = 'clip'
 
   @nn.compact
   def __call__(self, tokens_BxL):
+    tok_std, pos_std = (0.02, 0.01) if self.embed_init == 'clip' else (self.width ** -0.5,) * 2
     tok = nn.Embed(self.vocab_size, self.width, param_dtype=jnp.float32,
-                   embedding_init=_init(nn.initializers.normal(0.02), ('vocab', 'embed')),
+                   embedding_init=_init(nn.initializers.normal(tok_std), ('vocab', 'embed')),
                    name='token_embedding')
     pos = nn.Embed(self.max_len, self.width, param_dtype=jnp.float32,
-                   embedding_init=_init(nn.initializers.normal(0.01), (None, 'embed')),
+                   embedding_init=_init(nn.initializers.normal(pos_std), (None, 'embed')),
                    name='position_embedding')
     return tok(tokens_BxL) + pos(jnp.arange(tokens_BxL.shape[1]))[None]
 
@@ -156,7 +177,7 @@ class Encoder(nn.Module):
   remat: bool
 
   @nn.compact
-  def __call__(self, x_BxLxD, allowed_BxLxL):
+  def __call__(self, x_BxLxD, allowed_BxLxL=None):
     # remat recomputes each layer's activations in the backward pass; params keep their paths.
     layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
     for i in range(self.depth):
@@ -185,11 +206,12 @@ class TextTransformer(nn.Module):
   """Tokens BxL (+ mask, True = real) -> (features BxLxD after final_layer_norm, pooled BxP).
 
   `mlp_dim` 0 means 4 * width. `pool` picks the pooled token (see `pool_index`) or 'mean', the
-  masked mean; pooled features are projected by `text_projection` when projection_dim > 0.
-  The padding mask hides padded keys (combined with the causal mask when `causal`), so real
-  positions and the pooled output do not depend on padded tokens. Params are float32;
-  `dtype` is the compute dtype; outputs are float32. `train` is accepted for the task
-  interface: CLIP's text tower has no dropout.
+  masked mean; pooled features are projected by `text_projection` (no bias) when
+  projection_dim > 0, or by `head` (with bias, SigLIP) when head_dim > 0. The padding mask
+  hides padded keys (combined with the causal mask when `causal`), so real positions and the
+  pooled output do not depend on padded tokens. Params are float32; `dtype` is the compute
+  dtype; outputs are float32. `train` is accepted for the task interface: neither CLIP's nor
+  SigLIP's text tower has dropout.
   """
   vocab_size: int = 49408
   max_len: int = 77
@@ -202,6 +224,8 @@ class TextTransformer(nn.Module):
   pool: str = 'argmax'
   eos_token_id: int = 49407
   projection_dim: int = 512
+  head_dim: int = 0
+  embed_init: str = 'clip'
   norm_eps: float = 1e-5
   dtype: str = 'float32'
   remat: bool = False
@@ -236,16 +260,21 @@ class TextTransformer(nn.Module):
     if self.causal:
       allowed_BxLxL = allowed_BxLxL & jnp.tril(jnp.ones((length, length), bool))[None]
 
-    x_BxLxD = Embeddings(self.vocab_size, self.max_len, self.width, name='embeddings')(
-        tokens_BxL)
+    x_BxLxD = Embeddings(self.vocab_size, self.max_len, self.width, self.embed_init,
+                         name='embeddings')(tokens_BxL)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, ACT_AXES)
     x_BxLxD = Encoder(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.act,
                       self.norm_eps, dtype, self.remat, name='encoder')(x_BxLxD, allowed_BxLxL)
-    x_BxLxD = _layer_norm(self.norm_eps, 'final_layer_norm')(x_BxLxD)
+    x_BxLxD = layer_norm(self.norm_eps, 'final_layer_norm')(x_BxLxD)
     pooled_BxP = self._pool(x_BxLxD, tokens_BxL, mask_BxL)
     if self.projection_dim:
       pooled_BxP = _dense(self.projection_dim, ('embed', None), self.width ** -0.5, dtype,
                           'text_projection', use_bias=False)(pooled_BxP).astype(jnp.float32)
+    if self.head_dim:
+      pooled_BxP = nn.Dense(self.head_dim, dtype=dtype, param_dtype=jnp.float32,
+                            kernel_init=_init(nn.initializers.lecun_normal(), ('embed', None)),
+                            bias_init=_init(nn.initializers.zeros_init(), (None,)),
+                            name='head')(pooled_BxP).astype(jnp.float32)
     return nn.with_logical_constraint(x_BxLxD, ACT_AXES), pooled_BxP
 
 
@@ -257,36 +286,50 @@ def _fields(module: TextTransformer) -> dict[str, Any]:
   return {f: getattr(module, f) for f in FIELDS}
 
 
-def _check_values(kw):
+def _check_values(kw, where):
   for key in ('vocab_size', 'max_len', 'width', 'depth', 'num_heads'):
     if kw[key] < 1:
-      raise ValueError(f'model.{key}={kw[key]} must be >= 1')
-  for key in ('mlp_dim', 'projection_dim'):
+      raise ValueError(f'{where}.{key}={kw[key]} must be >= 1')
+  for key in ('mlp_dim', 'projection_dim', 'head_dim'):
     if kw[key] < 0:
-      raise ValueError(f'model.{key}={kw[key]} must be >= 0 (0 = '
-                       f"{'4 * width' if key == 'mlp_dim' else 'no projection'})")
+      raise ValueError(f'{where}.{key}={kw[key]} must be >= 0 (0 = '
+                       f"{'4 * width' if key == 'mlp_dim' else 'none'})")
+  if kw['projection_dim'] and kw['head_dim']:
+    raise ValueError(f"{where}.projection_dim={kw['projection_dim']} and {where}.head_dim="
+                     f"{kw['head_dim']}: set at most one (CLIP projects, SigLIP has a head)")
   if kw['width'] % kw['num_heads']:
-    raise ValueError(f"model.width={kw['width']} must be divisible by "
-                     f"model.num_heads={kw['num_heads']}")
+    raise ValueError(f"{where}.width={kw['width']} must be divisible by "
+                     f"{where}.num_heads={kw['num_heads']}")
   if kw['norm_eps'] <= 0:
-    raise ValueError(f"model.norm_eps={kw['norm_eps']} must be > 0")
+    raise ValueError(f"{where}.norm_eps={kw['norm_eps']} must be > 0")
 
 
-def _check_choices(kw):
-  for key, allowed in (('act', ACTS), ('pool', POOLS), ('dtype', tuple(layers.DTYPES))):
+def _check_choices(kw, where):
+  for key, allowed in (('act', ACTS), ('pool', POOLS), ('embed_init', EMBED_INITS),
+                       ('dtype', tuple(layers.DTYPES))):
     if kw[key] not in allowed:
-      raise ValueError(f'model.{key}={kw[key]!r}; allowed: {list(allowed)}')
+      raise ValueError(f'{where}.{key}={kw[key]!r}; allowed: {list(allowed)}')
   if kw['pool'] == 'eos' and not 0 <= kw['eos_token_id'] < kw['vocab_size']:
-    raise ValueError(f"model.eos_token_id={kw['eos_token_id']} must be a token id in "
-                     f"[0, model.vocab_size={kw['vocab_size']}) for pool={kw['pool']!r}")
+    raise ValueError(f"{where}.eos_token_id={kw['eos_token_id']} must be a token id in "
+                     f"[0, {where}.vocab_size={kw['vocab_size']}) for pool={kw['pool']!r}")
 
 
-def check_config(model_kwargs: dict[str, Any], resolution: int | None) -> None:
-  """Raises ValueError naming the offending `model.*` key; `resolution` is unused (text)."""
+def pooled_width(model_kwargs: dict[str, Any]) -> int:
+  """The width P of the pooled output: projection_dim, head_dim or width."""
+  kw = {f: getattr(TextTransformer, f) for f in FIELDS} | dict(model_kwargs)
+  return kw['projection_dim'] or kw['head_dim'] or kw['width']
+
+
+def check_config(model_kwargs: dict[str, Any], resolution: int | None, *,
+                 where: str = 'model') -> None:
+  """Raises ValueError naming the offending `model.*` key; `resolution` is unused (text).
+
+  `where` names the section in messages, e.g. 'model.text' for a dual encoder's text tower.
+  """
   del resolution
   unknown = sorted(set(model_kwargs) - set(FIELDS))
   if unknown:
-    raise ValueError(f'unknown text config keys {unknown}; allowed: {list(FIELDS)}')
+    raise ValueError(f'unknown text config keys {unknown} in {where}; allowed: {list(FIELDS)}')
   kw = {f: getattr(TextTransformer, f) for f in FIELDS} | dict(model_kwargs)
-  _check_choices(kw)
-  _check_values(kw)
+  _check_choices(kw, where)
+  _check_values(kw, where)

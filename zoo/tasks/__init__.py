@@ -1,12 +1,14 @@
 """The task registry: `config.task.name` -> the training objective the loop runs."""
 
 from zoo.tasks import classification
+from zoo.tasks import contrastive
 from zoo.tasks import diffusion
 from zoo.tasks import text_to_image
 from zoo.tasks import vae
 
 TASKS = {
     'classification': classification.ClassificationTask,
+    'contrastive': contrastive.ContrastiveTask,
     'diffusion': diffusion.DiffusionTask,
     'text_to_image': text_to_image.TextToImageTask,
     'vae': vae.VAETask,

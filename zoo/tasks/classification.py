@@ -14,7 +14,7 @@ import optax
 from zoo import config as zoo_config
 from zoo import models
 
-CLASSIFIERS = ('classifier',)
+CLASSIFIERS = ('classifier', 'vit')
 SCHEMA = {'name': str, 'label_smoothing': float, 'flip_lr': bool}
 
 
@@ -31,6 +31,9 @@ class ClassificationTask:
       raise ValueError(f'config.task.label_smoothing={task.label_smoothing} must lie in [0, 1)')
     zoo_config.check_choice(config.model.get('name', None), CLASSIFIERS, 'config.model.name')
     models.check_config(config.model, config.data.resolution)
+    if config.model.num_classes < 2:
+      raise ValueError(f'config.model.num_classes={config.model.num_classes} must be >= 2 for '
+                       'classification')
     if not config.data.label_key:
       raise ValueError('config.task.name=classification needs labels: set config.data.label_key')
 

@@ -17,16 +17,17 @@ prompt.
 
 import functools
 import logging
-import typing
 
 import jax
 import jax.numpy as jnp
 
 from data import captions
+from zoo import checkpoint
 from zoo import config as zoo_config
 from zoo import diffusion
 from zoo import latents
 from zoo import models
+from zoo.models import text
 from zoo.models import vae as vae_lib
 from zoo.tasks import diffusion as diffusion_task
 
@@ -40,17 +41,10 @@ SCHEMA = {k: v for k, v in diffusion_task.SCHEMA.items() if k != 'label_dropout'
 }
 
 
-class Source(typing.NamedTuple):
-  """Where a pretrained part of the params comes from: a run and its params entry."""
-  workdir: str
-  subtree: str
-  use_ema: bool = True
-
-
 def _text_widths(text_cfg):
   """(token feature width D, pooled width P) of a text encoder config."""
   kw = models.fields('text') | models.kwargs(text_cfg)
-  return kw['width'], kw['projection_dim'] or kw['width']
+  return kw['width'], text.pooled_width(kw)
 
 
 def _check_text(config):
@@ -142,10 +136,10 @@ class TextToImageTask:
     self.frozen = () if task.train_text_encoder else ('text_encoder',)
     self.pretrained = {}
     if task.text_encoder_from:
-      self.pretrained['text_encoder'] = Source(task.text_encoder_from, 'text_encoder')
+      self.pretrained['text_encoder'] = checkpoint.Source(task.text_encoder_from, 'text_encoder')
     if self.vae is not None:
       self.frozen += ('vae',)
-      self.pretrained['vae'] = Source(task.vae_from, 'vae')
+      self.pretrained['vae'] = checkpoint.Source(task.vae_from, 'vae')
     self.latents = None  # The record of pre-computed latents, checked against the VAE.
     if task.latent_key:
       self.latents = (latents.check_provenance(config), config.data.data_dir)
