@@ -15,6 +15,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -70,3 +71,27 @@ def perturbed(params, seed=1):
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_unflatten(
       tree, [x + 0.1 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves])
+
+
+def leaves(tree):
+  """The leaves of a (device) pytree as numpy arrays."""
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def assert_same(a, b):
+  """Two pytrees of the same structure with bit-identical leaves."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(leaves(a), leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def perturbed_hf_model(cls, config, seed=0):
+  """A random transformers / diffusers model with every parameter (LayerNorms, biases too) moved."""
+  import torch  # The parity extra; only parity tests call this.
+  torch.manual_seed(seed)
+  model = cls(config).eval()
+  gen = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn(p.shape, generator=gen))
+  return model

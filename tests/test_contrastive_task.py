@@ -17,6 +17,8 @@ from zoo import sharding
 from zoo import tasks
 from zoo import train
 
+from conftest import assert_same
+from conftest import leaves
 from conftest import random_params
 
 ConfigDict = zoo_config.ConfigDict
@@ -45,16 +47,6 @@ def contrastive_config(kind='siglip', loss='sigmoid', steps=30, validate=True, *
   config.sharding_rules = ConfigDict(sharding.DEFAULT_RULES)
   config.init_from = ''
   return zoo_config.validate(config) if validate else config
-
-
-def leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
-
-
-def assert_same(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(leaves(a), leaves(b)):
-    np.testing.assert_array_equal(x, y)
 
 
 def start_params(config, batch, seed=0):

@@ -18,6 +18,8 @@ from zoo.convert import transformers as convert  # noqa: E402
 from zoo.models import dual_encoder  # noqa: E402
 from zoo.models import vit  # noqa: E402
 
+from conftest import perturbed_hf_model  # noqa: E402
+
 torch.set_num_threads(2)
 
 RES, PATCH, WIDTH, DEPTH, HEADS, MLP = 32, 8, 32, 2, 4, 64
@@ -40,17 +42,6 @@ def _siglip_config():
                                eos_token_id=1, pad_token_id=1, bos_token_id=0),
       vision_config=TOWER | dict(image_size=RES, patch_size=PATCH),
       attn_implementation='eager')
-
-
-def _hf_model(cls, config, seed=0):
-  """A random HF model with every parameter (LayerNorms, biases, logit scale) perturbed."""
-  torch.manual_seed(seed)
-  model = cls(config).eval()
-  gen = torch.Generator().manual_seed(seed + 1)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return model
 
 
 def _inputs():
@@ -81,7 +72,7 @@ def _compare(zoo_kwargs, params, images, tokens, mask, ref):
 
 def test_clip_matches_hf(tmp_path):
   """HF takes OpenAI-normalised pixels; zoo takes [-1, 1] with image_norm='clip'."""
-  hf = _hf_model(transformers.CLIPModel, _clip_config())
+  hf = perturbed_hf_model(transformers.CLIPModel, _clip_config())
   hf.save_pretrained(tmp_path)
   kwargs, params = convert.load_hf_dual(str(tmp_path))
   assert kwargs['text']['pool'] == 'eos' and kwargs['image']['image_norm'] == 'clip'
@@ -101,7 +92,7 @@ def test_clip_matches_hf(tmp_path):
 
 def test_siglip_matches_hf(tmp_path):
   """SigLIP texts are padded to full length (HF pools the last slot), so no mask."""
-  hf = _hf_model(transformers.SiglipModel, _siglip_config(), seed=2)
+  hf = perturbed_hf_model(transformers.SiglipModel, _siglip_config(), seed=2)
   with torch.no_grad():  # The paper's values; HF initialises both to zero.
     hf.logit_scale.fill_(np.log(10.0) + 0.1)
     hf.logit_bias.fill_(-10.0 + 0.1)

@@ -23,6 +23,8 @@ from data import tokenizers  # noqa: E402
 from zoo.convert import transformers as convert  # noqa: E402
 from zoo.models import text  # noqa: E402
 
+from conftest import perturbed_hf_model  # noqa: E402
+
 torch.set_num_threads(2)
 
 VOCAB, WIDTH, DEPTH, HEADS, MAX_LEN, PROJ = 100, 32, 2, 4, 16, 24
@@ -41,12 +43,7 @@ def _hf_config(eos_token_id, act='quick_gelu'):
 
 def _hf_model(cls, config, tmp_path, seed=0):
   """A random HF model (LayerNorms and biases perturbed too) and its params through safetensors."""
-  torch.manual_seed(seed)
-  model = cls(config).eval()
-  gen = torch.Generator().manual_seed(seed + 1)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn(p.shape, generator=gen))
+  model = perturbed_hf_model(cls, config, seed)
   path = str(tmp_path / 'model.safetensors')
   safetensors.torch.save_file(model.state_dict(), path)
   return model, convert.from_hf_clip_text(safetensors.numpy.load_file(path))

@@ -21,20 +21,12 @@ from zoo import train
 from zoo.nn import layers
 
 from conftest import REPO
+from conftest import assert_same
+from conftest import leaves
 
 LDM = os.path.join(REPO, 'experiments', 'ldm_t2i_shapes.py')
 VAE = os.path.join(REPO, 'experiments', 'vae_shapes.py')
 QUIET = ['--config.train.progress_bar=false']
-
-
-def leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
-
-
-def assert_same(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(leaves(a), leaves(b)):
-    np.testing.assert_array_equal(x, y)
 
 
 def text_data(**overrides):

@@ -32,6 +32,8 @@ from data.shapes import pose
 from data.shapes import questions
 
 RESOLUTIONS = (32, 64, 128, 256)
+# Mismatched-pair fractions (percent) of the res32_noise<p> configs.
+CAPTION_NOISE_PERCENT = (10, 30, 50)
 # Below this many examples a split is generated in-process: starting worker processes
 # (each imports the `data` package) costs more than it saves.
 MIN_PARALLEL = 2000
@@ -153,6 +155,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       ShapesConfig(name='tinysingle32', description='single32 with 512/64/64/64 examples.',
                    resolution=32, num_train=512, num_validation=64, num_test=64, num_held_out=64,
                    max_objects=1, backgrounds=('plain',), p_person=0.0, p_sign=0.0)
+  ] + [
+      ShapesConfig(name=f'res32_noise{p}', description=f'res32 with {p}% of the train examples '
+                   "carrying another train example's captions (the paired-data quality sweep).",
+                   resolution=32, caption_noise=p / 100)
+      for p in CAPTION_NOISE_PERCENT
   ]
   DEFAULT_CONFIG_NAME = 'res64'
 

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.models import text
+from zoo.nn import dit_layers as dl
 from zoo.nn import layers
 
 ACT_AXES = text.ACT_AXES
@@ -59,10 +60,6 @@ def preset(name: str) -> dict[str, Any]:
   return dict(PRESETS[name])
 
 
-def _init(init, axes):
-  return nn.with_logical_partitioning(init, tuple(axes))
-
-
 class Embeddings(nn.Module):
   """Patchify conv, optional class token, learned positions (std 1/sqrt(D), as both towers)."""
   patch_size: int
@@ -76,20 +73,20 @@ class Embeddings(nn.Module):
     p = self.patch_size
     x_BxGxGxD = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID',
                         use_bias=self.patch_bias, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=_init(nn.initializers.lecun_normal(),
+                        kernel_init=dl.with_axes(nn.initializers.lecun_normal(),
                                           (None, None, None, 'embed')),
-                        bias_init=_init(nn.initializers.zeros_init(), ('embed',)),
+                        bias_init=dl.with_axes(nn.initializers.zeros_init(), ('embed',)),
                         name='patch_embedding')(x_BxHxWxC.astype(self.dtype))
     batch = x_BxGxGxD.shape[0]
     x_BxNxD = x_BxGxGxD.reshape(batch, -1, self.width).astype(jnp.float32)
     std = self.width ** -0.5
     if self.class_token:
-      cls_D = self.param('class_embedding', _init(nn.initializers.normal(std), ('embed',)),
+      cls_D = self.param('class_embedding', dl.with_axes(nn.initializers.normal(std), ('embed',)),
                          (self.width,), jnp.float32)
       x_BxNxD = jnp.concatenate(
           [jnp.broadcast_to(cls_D[None, None], (batch, 1, self.width)), x_BxNxD], axis=1)
     pos = nn.Embed(x_BxNxD.shape[1], self.width, param_dtype=jnp.float32,
-                   embedding_init=_init(nn.initializers.normal(std), (None, 'embed')),
+                   embedding_init=dl.with_axes(nn.initializers.normal(std), (None, 'embed')),
                    name='position_embedding')
     return x_BxNxD + pos(jnp.arange(x_BxNxD.shape[1]))[None]
 
@@ -110,8 +107,8 @@ class MAPHead(nn.Module):
   def __call__(self, x_BxNxD):
     batch, _, width = x_BxNxD.shape
     probe_1x1xD = self.param(
-        'probe', _init(nn.initializers.xavier_uniform(), (None, None, 'embed')), (1, 1, width),
-        jnp.float32)
+        'probe', dl.with_axes(nn.initializers.xavier_uniform(), (None, None, 'embed')),
+        (1, 1, width), jnp.float32)
     probe_Bx1xD = jnp.broadcast_to(probe_1x1xD, (batch, 1, width)).astype(self.dtype)
     x_Bx1xD = text.SelfAttention(self.num_heads, 1, self.dtype, name='attention')(
         probe_Bx1xD, None, x_BxNxD.astype(self.dtype)).astype(jnp.float32)
@@ -188,8 +185,8 @@ class ViT(nn.Module):
     if self.num_classes:
       # Zero-initialised, as big_vision's `head_zeroinit`: the initial loss is exactly log K.
       out = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32,
-                     kernel_init=_init(nn.initializers.zeros_init(), ('embed', None)),
-                     bias_init=_init(nn.initializers.zeros_init(), (None,)),
+                     kernel_init=dl.with_axes(nn.initializers.zeros_init(), ('embed', None)),
+                     bias_init=dl.with_axes(nn.initializers.zeros_init(), (None,)),
                      name='classifier')(pooled_BxD).astype(jnp.float32)
     return (out, pooled_BxD) if features else out
 
