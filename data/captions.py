@@ -6,7 +6,7 @@ Each example carries several captions (a `Sequence(Text)` feature) or one (`Text
 time an example appears the pipeline picks one of them from a seed of (data seed, global
 batch index, example index), so the choice is a fixed function of the stream position
 (resume stays exact, and any process count draws the same captions) and a second epoch
-shows other paraphrases. Tokens follow `data.tokenizers`: [BOS] words [EOS] then padding
+shows other paraphrases. Tokens follow `data.text_tokenizers`: [BOS] words [EOS] then padding
 ('siglip': no BOS).
 """
 
@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from data import tokenizers
+from data import text_tokenizers
 
 SCHEMA_HINT = ("config.data.text = ConfigDict(caption_key='captions', tokenizer='shapes', "
                "tokenizer_path='', max_len=24)")
@@ -27,10 +27,10 @@ def check_config(text_cfg) -> None:
   """
   if not text_cfg.caption_key:
     raise ValueError(f'data.text.caption_key must name a text feature; e.g. {SCHEMA_HINT}')
-  if text_cfg.tokenizer not in tokenizers.TOKENIZERS:
+  if text_cfg.tokenizer not in text_tokenizers.TOKENIZERS:
     raise ValueError(f'data.text.tokenizer={text_cfg.tokenizer!r} is not one of '
-                     f'{sorted(tokenizers.TOKENIZERS)}')
-  path_arg = tokenizers.TOKENIZERS[text_cfg.tokenizer].path_arg
+                     f'{sorted(text_tokenizers.TOKENIZERS)}')
+  path_arg = text_tokenizers.TOKENIZERS[text_cfg.tokenizer].path_arg
   if path_arg == 'required' and not text_cfg.tokenizer_path:
     raise ValueError(f'data.text.tokenizer={text_cfg.tokenizer!r} needs data.text.tokenizer_path '
                      '(its vocabulary file or directory)')
@@ -44,9 +44,9 @@ def check_config(text_cfg) -> None:
     raise ValueError(f'data.text.max_len={text_cfg.max_len} must be >= 2 (BOS and EOS)')
 
 
-def build_tokenizer(text_cfg) -> tokenizers.Tokenizer:
+def build_tokenizer(text_cfg) -> text_tokenizers.Tokenizer:
   """The tokenizer `config.data.text` names (with its vocabulary file, if any)."""
-  return tokenizers.from_config(text_cfg)
+  return text_tokenizers.from_config(text_cfg)
 
 
 def _as_str(value) -> str:

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # For the two-process script; pytest has it already.
 
-from data import tokenizers  # noqa: E402
+from data import text_tokenizers  # noqa: E402
 from zoo import config as zoo_config  # noqa: E402
 from zoo import search  # noqa: E402
 from zoo.evals import retrieval  # noqa: E402
@@ -42,7 +42,7 @@ class FakeDualEncoder:
   """
 
   def __init__(self, resolution=32, channels=3, max_len=32):
-    self.tokenizer = tokenizers.get('shapes')
+    self.tokenizer = text_tokenizers.get('shapes')
     self.max_len = max_len
     rng = np.random.default_rng(0)
     self.weights = {

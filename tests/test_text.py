@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data import tokenizers
+from data import text_tokenizers
 from zoo import models
 from zoo.models import text
 
@@ -188,7 +188,7 @@ def test_bfloat16_close_to_float32():
 
 
 def test_tiny_preset_matches_shapes_tokenizer_and_registry():
-  tok = tokenizers.get('shapes')
+  tok = text_tokenizers.get('shapes')
   assert (TINY['vocab_size'], TINY['eos_token_id']) == (tok.vocab_size, tok.eos_id)
   config = models.config('text', 'tiny')
   models.check_config(config, resolution=None)

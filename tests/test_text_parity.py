@@ -19,7 +19,7 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from data import tokenizers  # noqa: E402
+from data import text_tokenizers  # noqa: E402
 from zoo.convert import transformers as convert  # noqa: E402
 from zoo.models import text  # noqa: E402
 
@@ -154,9 +154,9 @@ def test_clip_bpe_matches_transformers(tmp_path):
   """Same ids as transformers' CLIPTokenizer built from the derived vocab.json + merges.txt."""
   merges_path = _write_merges(tmp_path)
   (tmp_path / 'vocab.json').write_text(json.dumps(
-      {s: i for i, s in enumerate(tokenizers.clip_vocabulary(MERGES))}))
+      {s: i for i, s in enumerate(text_tokenizers.clip_vocabulary(MERGES))}))
   hf = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
-  tok = tokenizers.get('clip', merges_path=merges_path)
+  tok = text_tokenizers.get('clip', merges_path=merges_path)
   assert len(hf) == tok.vocab_size
   texts = ['hello world!', "Hello   WORLD, don't cat's 2024 café  naïve", 'x_y <tag> well-done ÄÖ',
            'a cat\tcatcat hellohello.', '日本 — ok?!']

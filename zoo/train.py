@@ -20,7 +20,7 @@ import optax
 import tqdm
 
 import data as data_lib
-from data import tokenizers
+from data import text_tokenizers
 from zoo import checkpoint
 from zoo import config as zoo_config
 from zoo import evals
@@ -212,7 +212,7 @@ def train_and_evaluate(config, workdir):
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(zoo_config.to_json(config))
     if 'text' in config.data:  # A workdir carries the tokenizer its checkpoints' ids come from.
-      tokenizers.save_to_workdir(workdir, config.data.text)
+      text_tokenizers.save_to_workdir(workdir, config.data.text)
   train_cfg = config.train
   data = _train_data(config)
   s = setup(config, data.spec())

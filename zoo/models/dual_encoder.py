@@ -41,7 +41,7 @@ def _siglip(image, text_preset, embed_dim, **image_overrides):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-sized, 32x32 images and the data.tokenizers 'shapes' vocabulary.
+    # CPU-sized, 32x32 images and the data.text_tokenizers 'shapes' vocabulary.
     'clip-tiny': _clip('tiny', 'tiny', 32),
     'siglip-tiny': _siglip('tiny', 'tiny-siglip', 32),
     # The public checkpoints' shapes (HF openai/clip-vit-*, google/siglip-base-patch16-224).

@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     'siglip-base-text': dict(vocab_size=32000, max_len=64, width=768, depth=12, num_heads=12,
                              act='gelu_tanh', causal=False, pool='last', eos_token_id=1,
                              projection_dim=0, head_dim=768, embed_init='siglip', norm_eps=1e-6),
-    # CPU-sized, over data.tokenizers 'shapes' (113 words, [EOS] = 2).
+    # CPU-sized, over data.text_tokenizers 'shapes' (113 words, [EOS] = 2).
     'tiny': dict(vocab_size=113, max_len=32, width=32, depth=2, num_heads=4, act='gelu',
                  causal=True, pool='eos', eos_token_id=2, projection_dim=32),
     'tiny-siglip': dict(vocab_size=113, max_len=32, width=32, depth=2, num_heads=4,

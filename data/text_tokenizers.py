@@ -3,7 +3,7 @@
   'shapes'      word level, the vocabulary of the procedural shapes dataset's language;
   'shapes_bpe'  a CLIP-format BPE trained with the `tokenizers` library on the shapes dataset's
                 language, committed as data/shapes/tokenizer.json; regenerate it byte for byte
-                with `python -m data.tokenizers train-shapes --out data/shapes/tokenizer.json`;
+                with `python -m data.text_tokenizers train-shapes --out data/shapes/tokenizer.json`;
   'bytes'       UTF-8 bytes;
   'clip'        OpenAI CLIP's BPE, wired in `tokenizers` as transformers' CLIPTokenizer(Fast),
                 from the user's files (a tokenizer.json, vocab.json + merges.txt, or OpenAI's
@@ -515,8 +515,8 @@ def load_from_workdir(workdir: str, text_cfg) -> Tokenizer:
 
 
 def main(argv: list[str] | None = None) -> None:
-  """`python -m data.tokenizers train-shapes --out PATH`: (re)trains the 'shapes_bpe' file."""
-  parser = argparse.ArgumentParser(prog='python -m data.tokenizers')
+  """`python -m data.text_tokenizers train-shapes --out PATH`: (re)trains the 'shapes_bpe' file."""
+  parser = argparse.ArgumentParser(prog='python -m data.text_tokenizers')
   commands = parser.add_subparsers(dest='command', required=True)
   train = commands.add_parser('train-shapes', help='train the shapes BPE (deterministic)')
   train.add_argument('--out', required=True, help=f'tokenizer.json to write ({SHAPES_BPE_PATH})')

@@ -1,4 +1,4 @@
-"""data.tokenizers: the shapes vocabulary covers the dataset's language; padding, truncation
+"""data.text_tokenizers: the shapes vocabulary covers the dataset's language; padding, truncation
 and masks; 'clip' and 'shapes_bpe' token for token against transformers' CLIPTokenizer and
 'siglip' against SiglipTokenizer, built from the same files (written here); the committed shapes
 BPE retrains byte-identically; a workdir's copy of the tokenizer reads back."""
@@ -17,7 +17,7 @@ import sentencepiece
 import transformers
 
 from data import captions as captions_lib
-from data import tokenizers
+from data import text_tokenizers
 from data.shapes import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def _text_cfg(tokenizer, path=''):
 
 
 def test_shapes_language_round_trips_without_unk():
-  tok = tokenizers.get('shapes')
+  tok = text_tokenizers.get('shapes')
   texts = list(_shapes_language())
   assert len(texts) > 1000
   ids, mask = tok.encode(texts, max_len=64)
@@ -64,16 +64,16 @@ def test_shapes_language_round_trips_without_unk():
 
 
 def test_shapes_vocabulary_is_deterministic_and_sorted():
-  vocab = tokenizers.shapes_vocabulary()
+  vocab = text_tokenizers.shapes_vocabulary()
   assert vocab[:4] == ('[PAD]', '[BOS]', '[EOS]', '[UNK]')
   assert list(vocab[4:]) == sorted(set(vocab[4:]))
-  tok = tokenizers.get('shapes')
+  tok = text_tokenizers.get('shapes')
   assert tok.vocab_size == len(vocab) and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-  assert tokenizers.split_words('A sign says "GO".') == ['a', 'sign', 'says', '"', 'go', '"', '.']
+  assert text_tokenizers.split_words('A sign says "GO".') == ['a', 'sign', 'says', '"', 'go', '"', '.']
 
 
 def test_shapes_padding_truncation_and_unknown_words():
-  tok = tokenizers.get('shapes')
+  tok = text_tokenizers.get('shapes')
   word = {w: i for i, w in enumerate(tok.vocab)}
   ids, mask = tok.encode(['A red circle.', 'red zebra'], max_len=7)
   assert ids.dtype == np.int32 and mask.dtype == bool and ids.shape == mask.shape == (2, 7)
@@ -93,7 +93,7 @@ def test_shapes_padding_truncation_and_unknown_words():
 
 
 def test_bytes_tokenizer():
-  tok = tokenizers.get('bytes')
+  tok = text_tokenizers.get('bytes')
   ids, mask = tok.encode(['héllo', ''], max_len=9)
   assert tok.vocab_size == 259
   np.testing.assert_array_equal(ids[0], [1, *(b + 3 for b in 'héllo'.encode()), 2, 0])
@@ -114,7 +114,7 @@ def write_clip_files(directory, merges, gz=False):
   directory.mkdir(exist_ok=True)
   text = '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges)
   (directory / 'merges.txt').write_text(text, encoding='utf-8')
-  vocab = {s: i for i, s in enumerate(tokenizers.clip_vocabulary(merges))}
+  vocab = {s: i for i, s in enumerate(text_tokenizers.clip_vocabulary(merges))}
   (directory / 'vocab.json').write_text(json.dumps(vocab), encoding='utf-8')
   openai = directory / ('bpe.txt.gz' if gz else 'bpe.txt')
   openai.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
@@ -129,7 +129,7 @@ def assert_clip_parity(tok, hf, texts):
   for text, row, row_mask in zip(texts, ids, mask):
     want = hf(text)['input_ids']
     assert row[row_mask].tolist() == want, text
-    if tokenizers.EOT not in text:
+    if text_tokenizers.EOT not in text:
       assert tok.decode(row) == hf.decode(want, skip_special_tokens=True), text
   # Truncation: transformers cuts the text tokens and still ends with EOS, as `encode`.
   cut = hf(texts[1], truncation=True, max_length=6)['input_ids']
@@ -138,7 +138,7 @@ def assert_clip_parity(tok, hf, texts):
 
 @pytest.mark.parametrize('gz', [True, False])
 def test_clip_bpe_hand_worked(tmp_path, gz):
-  tok = tokenizers.get('clip', path=write_clip_files(tmp_path, MERGES, gz))
+  tok = text_tokenizers.get('clip', path=write_clip_files(tmp_path, MERGES, gz))
   assert tok.vocab_size == 512 + len(MERGES) + 2
   assert (tok.bos_id, tok.eos_id, tok.pad_id) == (521, 522, 0)
   # hello: h e l l o</w> -> (h e, rank 0) he l l o</w> -> (l l, rank 1) he ll o</w>; no pair of
@@ -161,7 +161,7 @@ def test_clip_matches_transformers_from_every_file_form(tmp_path):
   openai = write_clip_files(tmp_path / 'hf', MERGES, gz=True)
   hf = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / 'hf'))
   # The same pipeline, component by component, as transformers wires it.
-  tok = tokenizers.get('clip', path=str(tmp_path / 'hf'))
+  tok = text_tokenizers.get('clip', path=str(tmp_path / 'hf'))
   assert json.loads(tok.backend.to_str()) == json.loads(hf.backend_tokenizer.to_str())
   assert_clip_parity(tok, hf, TRICKY)
   (tmp_path / 'json').mkdir()
@@ -172,25 +172,25 @@ def test_clip_matches_transformers_from_every_file_form(tmp_path):
                 vocab_path=str(tmp_path / 'hf' / 'vocab.json'))]
   want = tok.encode(TRICKY, max_len=96)
   for kwargs in forms:
-    got = tokenizers.get('clip', **kwargs).encode(TRICKY, max_len=96)
+    got = text_tokenizers.get('clip', **kwargs).encode(TRICKY, max_len=96)
     np.testing.assert_array_equal(got[0], want[0], err_msg=str(kwargs))
 
 
 def test_shapes_bpe_matches_transformers_clip_tokenizer(tmp_path):
-  tok = tokenizers.get('shapes_bpe')
+  tok = text_tokenizers.get('shapes_bpe')
   # Pinned: a text tower over it needs vocab_size=755 and eos_token_id=754 (the largest id).
   assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (755, 753, 754, 0)
   model = json.loads(tok.backend.to_str())['model']
   merges = [tuple(m) for m in model['merges']]
-  assert model['vocab'] == {s: i for i, s in enumerate(tokenizers.clip_vocabulary(merges))}
+  assert model['vocab'] == {s: i for i, s in enumerate(text_tokenizers.clip_vocabulary(merges))}
   write_clip_files(tmp_path, merges)
   hf = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
   assert_clip_parity(tok, hf, TRICKY + list(_shapes_language(8)))
 
 
 def test_shapes_bpe_covers_the_language_and_retrains_identically(tmp_path):
-  tok = tokenizers.get('shapes_bpe')
-  with open(tokenizers.SHAPES_BPE_PATH, 'rb') as f:
+  tok = text_tokenizers.get('shapes_bpe')
+  with open(text_tokenizers.SHAPES_BPE_PATH, 'rb') as f:
     committed = f.read()
   assert tok.files() == {'tokenizer.json': committed}
   # Splits it was not trained on: every word and run of marks is one token, so nothing falls
@@ -205,7 +205,7 @@ def test_shapes_bpe_covers_the_language_and_retrains_identically(tmp_path):
   # Unseen text still encodes, in pieces.
   assert len(tok.tokenize('a crimson disk')) > 3
   out = tmp_path / 'tokenizer.json'
-  subprocess.run([sys.executable, '-m', 'data.tokenizers', 'train-shapes', '--out', str(out)],
+  subprocess.run([sys.executable, '-m', 'data.text_tokenizers', 'train-shapes', '--out', str(out)],
                  cwd=REPO, check=True, capture_output=True)
   assert out.read_bytes() == committed
 
@@ -228,7 +228,7 @@ def spiece(tmp_path_factory):
 
 
 def test_siglip_matches_transformers(spiece):
-  tok = tokenizers.get('siglip', path=spiece)
+  tok = text_tokenizers.get('siglip', path=spiece)
   hf = transformers.SiglipTokenizer(spiece)
   assert tok.bos_id is None and tok.pad_id == tok.eos_id == hf.eos_token_id == hf.pad_token_id == 1
   assert tok.vocab_size == len(hf) == 150
@@ -251,43 +251,43 @@ def test_workdir_copy_reads_back_for_every_tokenizer(tmp_path, spiece):
   write_clip_files(clip_files, MERGES)
   paths = {'shapes': '', 'shapes_bpe': '', 'bytes': '', 'clip': str(clip_files),
            'siglip': spiece}
-  assert sorted(paths) == sorted(tokenizers.TOKENIZERS)
+  assert sorted(paths) == sorted(text_tokenizers.TOKENIZERS)
   texts = ['A small red circle.', 'hello world']
   for name, path in paths.items():
     cfg, workdir = _text_cfg(name, path), str(tmp_path / f'run_{name}')
     captions_lib.check_config(cfg)
-    written = tokenizers.save_to_workdir(workdir, cfg)
-    assert tokenizers.save_to_workdir(workdir, cfg) == written  # Identical: a no-op on resume.
+    written = text_tokenizers.save_to_workdir(workdir, cfg)
+    assert text_tokenizers.save_to_workdir(workdir, cfg) == written  # Identical: a no-op on resume.
     assert [os.path.basename(p) for p in written] == {
         'shapes': ['vocab.txt'], 'shapes_bpe': ['tokenizer.json'], 'bytes': [],
         'clip': ['tokenizer.json'], 'siglip': ['spiece.model']}[name]
     want = captions_lib.build_tokenizer(cfg).encode(texts, 16)
-    got = tokenizers.load_from_workdir(workdir, cfg).encode(texts, 16)
+    got = text_tokenizers.load_from_workdir(workdir, cfg).encode(texts, 16)
     np.testing.assert_array_equal(got[0], want[0], err_msg=name)
   with pytest.raises(ValueError, match='another tokenizer'):
-    tokenizers.save_to_workdir(str(tmp_path / 'run_clip'), _text_cfg('shapes_bpe'))
+    text_tokenizers.save_to_workdir(str(tmp_path / 'run_clip'), _text_cfg('shapes_bpe'))
 
 
 def test_errors_name_the_key_or_path(tmp_path, spiece):
   with pytest.raises(ValueError, match=r"'sentencepiece'.*\['bytes', 'clip', 'shapes', "):
-    tokenizers.get('sentencepiece')
+    text_tokenizers.get('sentencepiece')
   with pytest.raises(ValueError, match='tokenizer_path'):
-    tokenizers.get('clip')
+    text_tokenizers.get('clip')
   with pytest.raises(ValueError, match='tokenizer_path'):
-    tokenizers.get('siglip')
+    text_tokenizers.get('siglip')
   with pytest.raises(ValueError, match="'bytes' takes no file"):
-    tokenizers.get('bytes', path='x')
+    text_tokenizers.get('bytes', path='x')
   for name in ('clip', 'siglip', 'shapes_bpe', 'shapes'):
     with pytest.raises(FileNotFoundError, match='missing'):
-      tokenizers.get(name, path=str(tmp_path / 'missing'))
+      text_tokenizers.get(name, path=str(tmp_path / 'missing'))
   with pytest.raises(FileNotFoundError, match='holds neither tokenizer.json nor merges.txt'):
-    tokenizers.get('clip', path=str(tmp_path))
+    text_tokenizers.get('clip', path=str(tmp_path))
   bad = tmp_path / 'bad.txt'
   bad.write_text('#version\na b c\n')
   with pytest.raises(ValueError, match='two symbols'):
-    tokenizers.get('clip', path=str(bad))
+    text_tokenizers.get('clip', path=str(bad))
   with pytest.raises(ValueError, match='not a CLIP BPE'):
-    tokenizers.get('clip', path=str(_word_level_json(tmp_path)))
+    text_tokenizers.get('clip', path=str(_word_level_json(tmp_path)))
   for name, path, error, match in [
       ('wordpiece', '', ValueError, r"tokenizer='wordpiece' is not one of .*'shapes_bpe'"),
       ('clip', '', ValueError, 'needs data.text.tokenizer_path'),
