@@ -22,7 +22,7 @@ sys.path.insert(0, REPO)  # For the two-process script; pytest has it already.
 
 from data import text_tokenizers  # noqa: E402
 from zoo import config as zoo_config  # noqa: E402
-from zoo import search  # noqa: E402
+from zoo import embedding  # noqa: E402
 from zoo.evals import retrieval  # noqa: E402
 from zoo.evals import zero_shot  # noqa: E402
 
@@ -159,11 +159,11 @@ def test_retrieval_evaluator_embeds_the_first_n_examples_and_all_their_captions(
   mesh = jax.make_mesh((8, 1, 1), ('data', 'fsdp', 'tensor'))
   metrics = run_evaluators(mesh)['retrieval']
   assert metrics['images'] == 40 and metrics['captions'] == 120  # 3 of each image's 4.
-  task, reader = FakeDualEncoder(), search.SplitReader(data_config(), 'validation')
+  task, reader = FakeDualEncoder(), embedding.SplitReader(data_config(), 'validation')
   examples = reader.examples(range(40))
   params = {k: jnp.asarray(w) for k, w in task.weights.items()}
   img = np.asarray(task.encode_image(params, np.stack([reader.image(ex) for ex in examples])))
-  texts = [c for ex in examples for c in search.captions_of(ex, 'captions')[:3]]
+  texts = [c for ex in examples for c in embedding.captions_of(ex, 'captions')[:3]]
   txt = np.asarray(task.encode_text(params, *task.tokenizer.encode(texts, 32)))
   expected = retrieval.recall_at_k(img, txt, np.repeat(np.arange(40), 3))
   assert {k: metrics[k] for k in expected} == expected
@@ -221,7 +221,7 @@ def _one_of_two_processes(process_id, port, out):
                     ZOO_PROCESS_ID=process_id)
   from zoo import sharding
   sharding.maybe_initialize_distributed()
-  read, current, examples = {}, [], search.SplitReader.examples
+  read, current, examples = {}, [], embedding.SplitReader.examples
 
   def recording(self, indices):
     current.extend(int(i) for i in indices)
@@ -231,7 +231,7 @@ def _one_of_two_processes(process_id, port, out):
     read[name] = list(current)
     current.clear()
 
-  search.SplitReader.examples = recording
+  embedding.SplitReader.examples = recording
   metrics = run_evaluators(jax.make_mesh((4, 1, 1), ('data', 'fsdp', 'tensor')), done)
   with open(out, 'w') as f:
     json.dump({'metrics': metrics, 'read': read}, f)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from zoo import embedding
 from zoo import search
 
 
@@ -58,9 +59,9 @@ def test_k_must_be_positive():
 
 def test_embed_gives_every_item_once_in_order_whatever_the_batch():
   mesh = jax.make_mesh((8, 1, 1), ('data', 'fsdp', 'tensor'))
-  assert search.global_batch_size(mesh, 5) == 8 and search.global_batch_size(mesh, 16) == 16
+  assert embedding.global_batch_size(mesh, 5) == 8 and embedding.global_batch_size(mesh, 16) == 16
   batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
-  assert search.local_rows(batch_sh, 16) == (0, 16)  # One process holds every row.
+  assert embedding.local_rows(batch_sh, 16) == (0, 16)  # One process holds every row.
   items = np.arange(21, dtype=np.float32)
   seen = []
 
@@ -69,12 +70,12 @@ def test_embed_gives_every_item_once_in_order_whatever_the_batch():
     return {'x': items[indices][:, None]}
 
   fn = jax.jit(lambda p, b: {'y': b['x'] * p, 'sum': jnp.broadcast_to(b['x'].sum(), (8,))})
-  out = search.embed(fn, jnp.float32(2.0), load, 21, 5, mesh)
+  out = embedding.embed(fn, jnp.float32(2.0), load, 21, 5, mesh)
   np.testing.assert_array_equal(out['y'][:, 0], 2 * items)
   assert [len(s) for s in seen] == [8, 8, 8]
   np.testing.assert_array_equal(seen[-1], [16, 17, 18, 19, 20, 0, 1, 2])  # Wraps around.
   with pytest.raises(ValueError, match='nothing to embed'):
-    search.embed(fn, jnp.float32(2.0), load, 0, 5, mesh)
+    embedding.embed(fn, jnp.float32(2.0), load, 0, 5, mesh)
 
 
 def manifest(n):
@@ -123,24 +124,24 @@ def test_missing_or_corrupt_indexes_are_named(tmp_path):
 
 
 def test_dataset_specs_and_image_files(tmp_path):
-  assert search.parse_dataset('shapes:test') == ('shapes', '', 'test')
-  assert search.parse_dataset('shapes/tiny32:held_out') == ('shapes', 'tiny32', 'held_out')
-  assert search.parse_dataset('tfds:coco/2017:validation') == ('tfds:coco/2017', '', 'validation')
+  assert embedding.parse_dataset('shapes:test') == ('shapes', '', 'test')
+  assert embedding.parse_dataset('shapes/tiny32:held_out') == ('shapes', 'tiny32', 'held_out')
+  assert embedding.parse_dataset('tfds:coco/2017:validation') == ('tfds:coco/2017', '', 'validation')
   for bad in ('shapes', 'shapes:', ':test', 'tfds::test'):
     with pytest.raises(ValueError, match='name\\[/config\\]:split'):
-      search.parse_dataset(bad)
+      embedding.parse_dataset(bad)
   with pytest.raises(FileNotFoundError, match='no PNG or JPEG'):
-    search.list_images(str(tmp_path))
+    embedding.list_images(str(tmp_path))
   (tmp_path / 'sub').mkdir()
   Image.fromarray(np.full((40, 60, 3), 255, np.uint8)).save(tmp_path / 'sub' / 'b.PNG')
   Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / 'a.jpg')
   (tmp_path / 'notes.txt').write_text('not an image')
-  assert search.list_images(str(tmp_path)) == ['a.jpg', os.path.join('sub', 'b.PNG')]
-  img = search.load_image(str(tmp_path / 'sub' / 'b.PNG'), 32, 3)
+  assert embedding.list_images(str(tmp_path)) == ['a.jpg', os.path.join('sub', 'b.PNG')]
+  img = embedding.load_image(str(tmp_path / 'sub' / 'b.PNG'), 32, 3)
   assert img.shape == (32, 32, 3) and np.allclose(img, 1.0)
-  assert search.load_image(str(tmp_path / 'a.jpg'), 16, 3).min() == -1.0
+  assert embedding.load_image(str(tmp_path / 'a.jpg'), 16, 3).min() == -1.0
   with pytest.raises(ValueError, match='cannot read image'):
-    search.load_image(str(tmp_path / 'notes.txt'), 32, 3)
+    embedding.load_image(str(tmp_path / 'notes.txt'), 32, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ def test_index_and_search_a_dataset_split(clip_run, tmp_path):
 def test_index_image_files_and_search_by_image(clip_run, tmp_path):
   images = tmp_path / 'images'
   images.mkdir()
-  reader = search.SplitReader(clip_config().data, 'test')
+  reader = embedding.SplitReader(clip_config().data, 'test')
   for i, ex in enumerate(reader.examples(range(5))):
     Image.fromarray(ex['image']).resize((48, 48)).save(images / f'{i}.png')
   index = tmp_path / 'files'

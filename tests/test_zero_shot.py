@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.shapes import grammar
-from zoo import search
+from zoo import embedding
 from zoo.evals import zero_shot
 
 from test_retrieval import FakeDualEncoder, eval_configs
@@ -50,7 +50,7 @@ def test_shapes_classes_are_the_dataset_labels():
   assert tuple(f['name'] for f in fields) == grammar.SHAPE_COLOURS
   assert unseen_K.sum() == len(grammar.HELD_OUT_PAIRS)
   config = eval_configs()
-  reader = search.SplitReader(config.data, 'held_out')
+  reader = embedding.SplitReader(config.data, 'held_out')
   assert reader.builder.info.features['shape_colour'].names == list(grammar.SHAPE_COLOURS)
   for ex in reader.examples(range(8)):  # One object each, always a held-out pair.
     label, obj = ex['shape_colour'], ex['objects']
@@ -99,7 +99,7 @@ def test_evaluator_matches_the_metrics_of_directly_computed_embeddings():
   zero_shot.ZeroShot.check(cfg, config, 'config.evals.zero_shot')
   got = zero_shot.ZeroShot(cfg, task=task, config=config, workdir='').run(
       {'params': task.params(mesh)}, 0)
-  reader = search.SplitReader(config.data, 'held_out')
+  reader = embedding.SplitReader(config.data, 'held_out')
   assert got.pop('examples') == 64
   assert got == reference_metrics(task, cfg, reader, *zero_shot.shapes_classes('shape_colour'))
   assert set(got) == {'accuracy', 'top5_accuracy', 'accuracy_unseen', 'shape_accuracy',

@@ -13,13 +13,14 @@ A query's rank is the number of candidates scoring strictly higher than its best
 so exact ties (identical captions of different images) count in the query's favour.
 
 Each process embeds the images and captions of its rows of each global batch; the embeddings
-are gathered (`zoo.search.embed`), so every process computes the single-process metrics.
+are gathered (`zoo.embedding.embed`), so every process computes the single-process metrics.
 """
 
 import jax
 import numpy as np
 
 from zoo import config as zoo_config
+from zoo import embedding
 from zoo import search
 
 KS = (1, 5, 10)
@@ -116,7 +117,7 @@ class Retrieval:
 
     def load(indices_L):
       examples = reader.examples(indices_L)
-      kept = [search.captions_of(ex, self.caption_key)[:c] for ex in examples]
+      kept = [embedding.captions_of(ex, self.caption_key)[:c] for ex in examples]
       valid_LxC = np.array([[j < len(row) for j in range(c)] for row in kept], bool)
       texts = [t for row in kept for t in row + [''] * (c - len(row))]
       ids_LCxT, mask_LCxT = self.task.tokenizer.encode(texts, self.task.max_len)
@@ -128,9 +129,9 @@ class Retrieval:
   def run(self, state, step):
     cfg = self.cfg
     params = state['ema_params' if cfg.use_ema else 'params']
-    reader = search.SplitReader(self.data_cfg, cfg.split)
+    reader = embedding.SplitReader(self.data_cfg, cfg.split)
     n = num_examples(cfg, reader, 'retrieval')
-    out = search.embed(self._encode, params, self._load(reader), n, cfg.batch_size,
+    out = embedding.embed(self._encode, params, self._load(reader), n, cfg.batch_size,
                        jax.tree.leaves(params)[0].sharding.mesh)
     txt_MxE, owner_M = flatten_captions(out['text'], out['valid'])
     if not len(owner_M):

@@ -20,7 +20,7 @@ Templates should speak the language of the training captions: on shapes
 tokenizer does not know (its [UNK] id) is logged when the evaluator is built.
 
 Each process embeds the images of its rows of each global batch; embeddings and labels are
-gathered (`zoo.search.embed`), so every process computes the single-process metrics.
+gathered (`zoo.embedding.embed`), so every process computes the single-process metrics.
 """
 
 import logging
@@ -31,7 +31,7 @@ import numpy as np
 
 from data import pipeline
 from data.shapes import grammar
-from zoo import search
+from zoo import embedding
 from zoo.evals import retrieval
 
 log = logging.getLogger('zoo')
@@ -164,13 +164,13 @@ class ZeroShot:
     cfg = self.cfg
     params = state['ema_params' if cfg.use_ema else 'params']
     mesh = jax.tree.leaves(params)[0].sharding.mesh
-    reader = search.SplitReader(self.data_cfg, cfg.split)
+    reader = embedding.SplitReader(self.data_cfg, cfg.split)
     if cfg.label_key not in reader.builder.info.features:
       raise ValueError(f'zero_shot: label_key={cfg.label_key!r} is not a feature of '
                        f'{reader.builder.info.full_name!r}')
     texts = prompts(cfg.templates, self.class_fields)
     k, t = len(self.class_fields), len(cfg.templates)
-    prompts_KxTxE = search.encode_texts(self.task, params, texts, cfg.batch_size, mesh)
+    prompts_KxTxE = embedding.encode_texts(self.task, params, texts, cfg.batch_size, mesh)
     classes_KxE = class_embeddings(prompts_KxTxE.reshape(k, t, -1))
 
     def load(indices_L):
@@ -179,7 +179,7 @@ class ZeroShot:
               'label': np.array([ex[cfg.label_key] for ex in examples], np.int32)}
 
     n = retrieval.num_examples(cfg, reader, 'zero_shot')
-    out = search.embed(self._encode, params, load, n, cfg.batch_size, mesh)
+    out = embedding.embed(self._encode, params, load, n, cfg.batch_size, mesh)
     if out['label'].min() < 0 or out['label'].max() >= k:
       raise ValueError(f'zero_shot: labels of {cfg.label_key!r} lie outside the {k} classes')
     return {**accuracies(out['image'], classes_KxE, out['label'], unseen_K=self.unseen_K,
