@@ -14,6 +14,11 @@ Datasets come from `BUILTINS` (built offline into data_dir on first use) or are 
 `tfds:<name>[/<config>]` and must already be prepared in data_dir as array_record.
 `data.features` names extra features to emit beside image and label (masks, depth, ...;
 see `extra_features`), each as a fixed-shape array.
+
+An optional `data.mixture` ('res32:3,single32:1': builder configs of the dataset and their
+weights) replaces `data.builder_config`: each config is shuffled on its own (reshuffled every
+epoch) and grain's `MapDataset.mix` interleaves them in the weights' proportions, so batch k is
+still a fixed function of the stream position. The configs must share their features.
 """
 
 from concurrent import futures
@@ -97,6 +102,8 @@ def check_config(data_cfg) -> None:
         f'data.builder_config={data_cfg.builder_config!r} is not a config of {name!r}; '
         f'allowed: {_config_names(BUILTINS[name])} or "" (from data.resolution).'
     )
+  if data_cfg.get('mixture', ''):
+    _check_mixture(data_cfg)
   if data_cfg.resolution <= 0:
     raise ValueError(f'data.resolution={data_cfg.resolution} must be positive.')
   for key in ('image_key', 'train_split', 'eval_split'):
@@ -111,6 +118,56 @@ def check_config(data_cfg) -> None:
                              config=_builtin_config(data_cfg) or None)
     extra_features.plan(builder.info.features, data_cfg.features, image_key=data_cfg.image_key,
                         resolution=data_cfg.resolution, dataset=name)
+
+
+MIXTURE_HINT = "e.g. data.mixture='res32:3,single32:1' (builder config:weight, comma-separated)"
+
+
+def mixture(data_cfg) -> list[tuple[str, float]]:
+  """[(builder config, weight)] of `data.mixture`, weights normalised to sum 1; [] without one."""
+  spec = data_cfg.get('mixture', '')
+  if not spec:
+    return []
+  parts = []
+  for item in spec.split(','):
+    name, sep, weight = (x.strip() for x in item.partition(':'))
+    try:
+      value = float(weight) if sep else 1.0
+    except ValueError:
+      raise ValueError(f'data.mixture={spec!r}: weight {weight!r} of {name!r} is not a number; '
+                       f'{MIXTURE_HINT}') from None
+    if not name or not value > 0:
+      raise ValueError(f'data.mixture={spec!r}: {item.strip()!r} needs a builder config and a '
+                       f'positive weight; {MIXTURE_HINT}')
+    parts.append((name, value))
+  names = [name for name, _ in parts]
+  if len(set(names)) != len(names):
+    raise ValueError(f'data.mixture={spec!r} names a builder config twice')
+  total = sum(value for _, value in parts)
+  return [(name, value / total) for name, value in parts]
+
+
+def _check_mixture(data_cfg) -> None:
+  parts = mixture(data_cfg)
+  if data_cfg.builder_config:
+    raise ValueError(f'data.mixture={data_cfg.mixture!r} and data.builder_config='
+                     f'{data_cfg.builder_config!r} are both set: the mixture names the configs; '
+                     "set data.builder_config=''")
+  if data_cfg.name in BUILTINS:
+    allowed = _config_names(BUILTINS[data_cfg.name])
+    for name, _ in parts:
+      if name not in allowed:
+        raise ValueError(f'data.mixture: {name!r} is not a config of {data_cfg.name!r}; '
+                         f'allowed: {allowed}')
+
+
+def component_config(data_cfg, builder_config: str):
+  """A copy of `data_cfg` that reads `builder_config` alone (no mixture)."""
+  data_cfg = type(data_cfg)(data_cfg.to_dict())
+  data_cfg.builder_config = builder_config
+  if 'mixture' in data_cfg:
+    data_cfg.mixture = ''
+  return data_cfg
 
 
 def _builtin_config(data_cfg) -> str:
@@ -155,6 +212,50 @@ class _Source:
       raise RuntimeError(f'Failed reading records {list(indices)[:8]}... of {self._where}: {e}') from e
 
 
+class _MixedSource:
+  """Several sources as one: record `offsets[i] + j` is record j of source i."""
+
+  def __init__(self, sources: list[_Source]):
+    self._sources = sources
+    self.offsets = np.cumsum([0] + [len(s) for s in sources])
+
+  def read(self, indices: np.ndarray) -> list[dict[str, Any]]:
+    indices = np.asarray(indices)
+    which = np.searchsorted(self.offsets, indices, side='right') - 1
+    out: list[Any] = [None] * len(indices)
+    for i, source in enumerate(self._sources):
+      at = np.flatnonzero(which == i)
+      if at.size:
+        for pos, example in zip(at, source.read(indices[at] - self.offsets[i])):
+          out[pos] = example
+    return out
+
+
+def _check_same_features(builders: list[tfds.core.DatasetBuilder], spec: str) -> None:
+  first = builders[0].info.features
+  for builder in builders[1:]:
+    features = builder.info.features
+    if set(features) != set(first) or any(
+        repr(features[k]) != repr(first[k]) for k in first):
+      raise ValueError(f'data.mixture={spec!r}: {builder.info.full_name!r} and '
+                       f'{builders[0].info.full_name!r} have different features; a mixture '
+                       'needs configs with the same features')
+
+
+def _index_stream(sizes: list[int], weights: list[float], seed: int,
+                  repeat: bool) -> grain.MapDataset:
+  """Shuffled record indices of one source, or of several mixed by weight (see the module doc)."""
+  if len(sizes) == 1:
+    ds = grain.MapDataset.range(sizes[0]).shuffle(seed=_shuffle_seed(seed))
+    return ds.repeat() if repeat else ds
+  streams, offset = [], 0
+  for i, n in enumerate(sizes):
+    ds = grain.MapDataset.range(offset, offset + n).shuffle(seed=_shuffle_seed(seed, i))
+    streams.append(ds.repeat() if repeat else ds)
+    offset += n
+  return grain.MapDataset.mix(streams, weights)
+
+
 def _check_feature(builder: tfds.core.DatasetBuilder, key: str, what: str) -> None:
   features = builder.info.features
   if key not in features:
@@ -195,7 +296,7 @@ def preprocess(example: dict[str, Any], *, image_key: str, label_key: str, resol
   return out
 
 
-def _read_batch(k: int, indices_L: np.ndarray, *, source: _Source, text: 'captions.Captions | None',
+def _read_batch(k: int, indices_L: np.ndarray, *, source: '_Source | _MixedSource', text: 'captions.Captions | None',
                 **preprocess_kw) -> dict[str, np.ndarray]:
   """Batch k (its global index) of examples `indices_L`, preprocessed and stacked."""
   raw = source.read(indices_L)
@@ -206,10 +307,11 @@ def _read_batch(k: int, indices_L: np.ndarray, *, source: _Source, text: 'captio
   return batch
 
 
-def _shuffle_seed(seed: int) -> int:
+def _shuffle_seed(seed: int, component: int | None = None) -> int:
   # grain reshuffles epoch e with seed + e, so neighbouring user seeds would replay each
   # other's epochs shifted by one; hashing the seed first decorrelates them.
-  return int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
+  entropy = seed if component is None else [seed, component]
+  return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
 
 
 class Batches:
@@ -292,7 +394,13 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
     )
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count}).')
-  builder = get_builder(data_cfg)
+  parts = mixture(data_cfg)
+  if parts:
+    builders = [get_builder(component_config(data_cfg, name)) for name, _ in parts]
+    _check_same_features(builders, data_cfg.mixture)
+  else:
+    builders = [get_builder(data_cfg)]
+  builder = builders[0]
   _check_feature(builder, data_cfg.image_key, 'image_key')
   if data_cfg.label_key:
     _check_feature(builder, data_cfg.label_key, 'label_key')
@@ -305,14 +413,14 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
     text = captions.Captions(data_cfg.text, seed)
   image_shape = builder.info.features[data_cfg.image_key].shape
   channels = image_shape[-1] if len(image_shape) == 3 else 1
-  source = _Source(builder, split)
-  n, local = len(source), global_batch_size // process_count
+  sources = [_Source(b, split) for b in builders]
+  source = sources[0] if len(sources) == 1 else _MixedSource(sources)
+  local = global_batch_size // process_count
 
   # grain shuffles and batches indices only: one batched record read per batch is far
   # cheaper than grain's per-element reads from the TFDS source.
-  ds = grain.MapDataset.range(n).shuffle(seed=_shuffle_seed(seed))
-  if repeat:
-    ds = ds.repeat()
+  ds = _index_stream([len(s) for s in sources], [w for _, w in parts], seed, repeat)
+  n = len(ds)
   ds = ds.batch(local, drop_remainder=True)
   num_batches = None
   if not repeat:

@@ -20,8 +20,7 @@ clip_shapes = zoo_config.sibling(__file__, 'clip_shapes')
 
 
 def get_config(arg=None):
-  arg = zoo_config.parse_arg(arg, smoke=False, steps=0, batch=0, builder_config='',
-                             image_from='workdirs/shapes_vit')
+  arg = zoo_config.parse_arg(arg, **clip_shapes.ARGS, image_from='workdirs/shapes_vit')
   config = clip_shapes.make(arg, kind='clip', loss='softmax')
   config.task.image_from = arg.image_from
   config.task.image_subtree = ''

@@ -17,8 +17,7 @@ clip_shapes = zoo_config.sibling(__file__, 'clip_shapes')
 
 
 def get_config(arg=None):
-  arg = zoo_config.parse_arg(arg, smoke=False, steps=0, batch=0, builder_config='',
-                                         chunked=True)
+  arg = zoo_config.parse_arg(arg, **clip_shapes.ARGS, chunked=True)
   config = clip_shapes.make(arg, kind='siglip', loss='sigmoid')
   config.task.chunked = arg.chunked
   return config

@@ -12,8 +12,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from zoo import models  # noqa: E402
+from zoo.convert import transformers as convert  # noqa: E402
 from zoo.models import dual_encoder  # noqa: E402
 from zoo.models import text  # noqa: E402
+
+from conftest import random_params  # noqa: E402
 
 LEN, EOS = 8, 2
 
@@ -176,3 +179,18 @@ def test_resolution_must_match_and_unknown_preset():
     models.check_config(models.config('dual_encoder', 'clip-tiny'), 64)
   with pytest.raises(ValueError, match='unknown dual_encoder preset'):
     dual_encoder.preset('clip-vit-h14')
+
+
+def test_conv_stem_tower_builds_and_refuses_hf_export():
+  """A CLIP with the ViT's convolutional stem trains like any other; HF has no stem to export to."""
+  config = models.config('dual_encoder', 'clip-tiny', image=dict(stem_channels=(8, 16, 16)))
+  models.check_config(config, 32)
+  model = models.build(config)
+  tokens, mask = _texts()
+  params = random_params(model, _images(1), tokens[:1], mask[:1])
+  assert params['vision_model']['embeddings']['patch_embedding']['kernel'].shape[:2] == (1, 1)
+  with pytest.raises(ValueError, match=r'convolutional stem \(model.image.stem_channels\)'):
+    convert.to_hf_dual(params)
+  with pytest.raises(ValueError, match=r'model.image.stem_channels=\[8, 16\]'):
+    models.check_config(models.config('dual_encoder', 'clip-tiny',
+                                      image=dict(stem_channels=(8, 16))), 32)

@@ -99,6 +99,11 @@ def test_bad_latents_fail_with_the_path_before_training(written, tmp_path):
     zoo_config.validate(config)
   with pytest.raises(FileExistsError, match='already holds latents'):
     latents.precompute(ldm_config(vae_dir), out)
+  config = ldm_config(vae_dir)
+  config.data = zoo_config.ConfigDict(config.data.to_dict() | dict(
+      builder_config='', mixture='tiny64:1,res64:1'))
+  with pytest.raises(ValueError, match=r"config.data.mixture='tiny64:1,res64:1': latents"):
+    latents.precompute(config, str(tmp_path / 'mixed'))
   assert latents_data.read_provenance(out)['splits'] == ['train', 'validation']
 
 

@@ -12,6 +12,8 @@ import pytest  # noqa: E402
 from zoo import models  # noqa: E402
 from zoo.models import vit  # noqa: E402
 
+from conftest import random_params  # noqa: E402
+
 TINY = vit.preset('tiny')
 
 
@@ -118,6 +120,22 @@ def test_param_counts():
   assert _count('tiny') == 23_936
 
 
+def test_conv_stem_names_shapes_and_gradients():
+  """stem_channels: conv + (max-pool, residual block) per width + 1x1 patch embedding."""
+  model = _model(stem_channels=(8, 16, 16), depth=1)
+  params = random_params(model, _images(1))
+  emb = params['embeddings']
+  assert set(emb) == {'stem_conv', 'stem_blocks_0', 'stem_blocks_1', 'stem_blocks_2',
+                      'stem_norm', 'patch_embedding', 'class_embedding', 'position_embedding'}
+  assert emb['stem_conv']['kernel'].shape == (3, 3, 3, 8)
+  assert emb['patch_embedding']['kernel'].shape == (1, 1, 16, 32)
+  assert 'shortcut' in emb['stem_blocks_1'] and 'shortcut' not in emb['stem_blocks_2']
+  # The stem is on the path: every stem parameter gets a finite, non-zero gradient.
+  grads = jax.jit(jax.grad(lambda p: model.apply({'params': p}, _images()).sum()))(params)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads['embeddings']):
+    assert np.isfinite(g).all() and np.abs(g).max() > 0, jax.tree_util.keystr(path)
+
+
 def test_registry_and_presets():
   config = models.config('vit', 'tiny', num_classes=3)
   models.check_config(config, 32)
@@ -141,6 +159,8 @@ def test_registry_and_presets():
     ({'norm_eps': 0.0}, 'model.norm_eps'),
     ({'dtype': 'float16'}, 'model.dtype'),
     ({'dropout': 0.1}, r"unknown ViT config keys \['dropout'\]"),
+    ({'stem_channels': (8, 16)}, r'model.stem_channels=\[8, 16\].*model.patch_size=8'),
+    ({'stem_channels': (8, 12, 16)}, r'model.stem_channels=\[8, 12, 16\].*multiple of 8'),
 ])
 def test_bad_configs(overrides, match):
   with pytest.raises(ValueError, match=match):

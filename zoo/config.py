@@ -187,8 +187,10 @@ def validate(config):
 
 
 def _optional_sections(section, name):
-  """Sub-sections a section may have: `data.text` for text-conditioned tasks."""
-  return {'text': ConfigDict} if name == 'data' and 'text' in section else {}
+  """Optional keys: `data.text` for text-conditioned tasks, `data.mixture` (data/pipeline.py)."""
+  if name != 'data':
+    return {}
+  return {k: t for k, t in (('text', ConfigDict), ('mixture', str)) if k in section}
 
 
 def _check_train(train):

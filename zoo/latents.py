@@ -96,6 +96,10 @@ def precompute(config, out_dir: str, *, splits=(), batch_size: int = 64):
   if config.task.get('latent_key', ''):
     raise ValueError('config.task.latent_key is set: this experiment already reads latents; '
                      'pass it without latents=...')
+  if config.data.get('mixture', ''):
+    raise ValueError(f'config.data.mixture={config.data.mixture!r}: latents are encoded from one '
+                     'builder config (record i of the cache is record i of its source); set '
+                     'config.data.builder_config instead')
   data = config.data
   source = pipeline.get_builder(data)
   splits = tuple(dict.fromkeys(splits or (data.train_split, data.eval_split)))

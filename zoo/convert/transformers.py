@@ -215,6 +215,10 @@ def to_hf_dual(params) -> dict:
   """
   flat = {tuple(k.key for k in path): np.asarray(v)
           for path, v in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]}
+  if ('vision_model', 'embeddings', 'stem_conv', 'kernel') in flat:
+    raise ValueError('this dual encoder has a convolutional stem (model.image.stem_channels); '
+                     'HF CLIPModel / SiglipModel patchify with one conv and have no such layers: '
+                     'only towers with model.image.stem_channels=() export')
   siglip = ('logit_bias',) in flat
   out, in_proj = {}, {}
   for path, value in flat.items():

@@ -19,7 +19,7 @@ are gathered (`zoo.embedding.embed`), so every process computes the single-proce
 import jax
 import numpy as np
 
-from zoo import config as zoo_config
+import data as data_lib
 from zoo import embedding
 from zoo import search
 
@@ -77,9 +77,7 @@ def eval_data(data_cfg, builder_config):
   """
   if not builder_config:
     return data_cfg
-  data_cfg = zoo_config.ConfigDict(data_cfg.to_dict())
-  data_cfg.builder_config = builder_config
-  return data_cfg
+  return data_lib.component_config(data_cfg, builder_config)
 
 
 class Retrieval:

@@ -4,7 +4,8 @@ Legend: B batch, H/W image height/width (image_size), C channels, G patch-grid s
 (image_size / patch_size), N tokens (G*G, plus 1 with the class token), D width, K classes.
 
 Parameter paths follow HF `CLIPVisionModel` / `SiglipVisionModel` (zoo/convert/transformers.py):
-  embeddings/{patch_embedding/{kernel, bias}, class_embedding, position_embedding/embedding},
+  embeddings/{stem_conv, stem_blocks_i, stem_norm (with stem_channels), patch_embedding/{kernel,
+  bias}, class_embedding, position_embedding/embedding},
   pre_layrnorm (sic: HF's spelling), encoder/layers_i/... (the text tower's encoder, same names),
   post_layernorm, head/{probe, attention/{q_proj, k_proj, v_proj, out_proj}, layernorm,
   mlp/{fc1, fc2}} (pool 'map'), classifier (num_classes > 0; HF `*ForImageClassification`'s
@@ -25,12 +26,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from zoo.models import classifier
 from zoo.models import text
 from zoo.nn import dit_layers as dl
 from zoo.nn import layers
 
 ACT_AXES = text.ACT_AXES
 POOLS = ('cls', 'map', 'gap')
+STEM_GROUPS = 8  # GroupNorm groups in the convolutional stem (stem_channels).
 IMAGE_NORMS = ('none', 'clip')
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,22 +64,40 @@ def preset(name: str) -> dict[str, Any]:
 
 
 class Embeddings(nn.Module):
-  """Patchify conv, optional class token, learned positions (std 1/sqrt(D), as both towers)."""
+  """Patchify conv, optional class token, learned positions (std 1/sqrt(D), as both towers).
+
+  With `stem_channels` (c_1, ..., c_k) the patchify conv is replaced by a convolutional stem, as
+  the hybrid ViTs (Dosovitskiy et al. 2021) and "Early convolutions help transformers see
+  better" (Xiao et al. 2021): a 3x3 conv to c_1 at full resolution, then per width a 2x2
+  max-pool and a pre-activation residual block (the classifier's `ResBlock`, GroupNorm), then
+  GroupNorm-SiLU and a 1x1 `patch_embedding` to D; 2^k must equal the patch size. Small
+  objects in small images (shapes at 32x32) train several times faster through it.
+  """
   patch_size: int
   width: int
   patch_bias: bool
   class_token: bool
   dtype: Any
+  stem_channels: tuple[int, ...] = ()
+
+  def _stem(self, x_BxHxWxC):
+    h = layers.conv(self.stem_channels[0], 3, axes=(None, None, None, 'conv_out'),
+                    name='stem_conv')(x_BxHxWxC.astype(jnp.float32))
+    for i, channels in enumerate(self.stem_channels):
+      h = nn.max_pool(h, (2, 2), (2, 2))
+      h = classifier.ResBlock(channels, STEM_GROUPS, 0.0, name=f'stem_blocks_{i}')(h, False)
+    return nn.silu(layers.GroupNorm(STEM_GROUPS, name='stem_norm')(h))
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
-    p = self.patch_size
+    x = self._stem(x_BxHxWxC) if self.stem_channels else x_BxHxWxC
+    p = 1 if self.stem_channels else self.patch_size
     x_BxGxGxD = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID',
                         use_bias=self.patch_bias, dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=dl.with_axes(nn.initializers.lecun_normal(),
-                                          (None, None, None, 'embed')),
+                                                 (None, None, None, 'embed')),
                         bias_init=dl.with_axes(nn.initializers.zeros_init(), ('embed',)),
-                        name='patch_embedding')(x_BxHxWxC.astype(self.dtype))
+                        name='patch_embedding')(x.astype(self.dtype))
     batch = x_BxGxGxD.shape[0]
     x_BxNxD = x_BxGxGxD.reshape(batch, -1, self.width).astype(jnp.float32)
     std = self.width ** -0.5
@@ -141,6 +162,7 @@ class ViT(nn.Module):
   norm_eps: float = 1e-5
   image_norm: str = 'none'
   num_classes: int = 0
+  stem_channels: tuple[int, ...] = ()
   dtype: str = 'float32'
   remat: bool = False
 
@@ -172,7 +194,8 @@ class ViT(nn.Module):
     self._check_inputs(x_BxHxWxC)
     dtype = layers.to_dtype(self.dtype)
     x_BxNxD = Embeddings(self.patch_size, self.width, self.patch_bias, self.pool == 'cls', dtype,
-                         name='embeddings')(self._normalize(x_BxHxWxC))
+                         tuple(self.stem_channels), name='embeddings')(
+                             self._normalize(x_BxHxWxC))
     if self.pre_norm:
       x_BxNxD = text.layer_norm(self.norm_eps, 'pre_layrnorm')(x_BxNxD)
     x_BxNxD = nn.with_logical_constraint(x_BxNxD, ACT_AXES)
@@ -223,6 +246,12 @@ def _check_values(kw, where):
                      f"{where}.patch_size={kw['patch_size']}")
   if kw['norm_eps'] <= 0:
     raise ValueError(f"{where}.norm_eps={kw['norm_eps']} must be > 0")
+  stem = tuple(kw['stem_channels'])
+  if stem and (any(int(c) % STEM_GROUPS or c < 1 for c in stem)
+               or 2 ** len(stem) != kw['patch_size']):
+    raise ValueError(f"{where}.stem_channels={list(stem)}: one width per 2x2 downsampling, "
+                     f"each a positive multiple of {STEM_GROUPS}, and 2^len must equal "
+                     f"{where}.patch_size={kw['patch_size']}")
 
 
 def check_config(model_kwargs: dict[str, Any], resolution: int | None, *,
