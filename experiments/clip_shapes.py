@@ -7,7 +7,7 @@ the contrastive loss is satisfied by colours, sizes and layout and the towers ne
 shape (zero-shot 0.23); the one-object scenes make shape the only cue that tells same-colour
 captions apart. The image tower has a convolutional stem (see IMAGE). It is judged on what the
 issue asks: zero-shot classification of the 64 shape x colour classes on one-object scenes
-(`single32`: validation and test hold the 56 seen pairs, held_out the 8 pairs no split trains
+(`single32`: validation and test hold the 60 seen pairs, held_out the 4 pairs no split trains
 on; prompt ensembles in the captions' language) and text <-> image retrieval over 1,000
 `res32` test scenes (every caption a query, COCO protocol; `retrieval_first` uses only the
 first caption, the full scene description).
