@@ -296,8 +296,8 @@ def preprocess(example: dict[str, Any], *, image_key: str, label_key: str, resol
   return out
 
 
-def _read_batch(k: int, indices_L: np.ndarray, *, source: '_Source | _MixedSource', text: 'captions.Captions | None',
-                **preprocess_kw) -> dict[str, np.ndarray]:
+def _read_batch(k: int, indices_L: np.ndarray, *, source: '_Source | _MixedSource',
+                text: 'captions.Captions | None', **preprocess_kw) -> dict[str, np.ndarray]:
   """Batch k (its global index) of examples `indices_L`, preprocessed and stacked."""
   raw = source.read(indices_L)
   examples = [preprocess(ex, **preprocess_kw) for ex in raw]

@@ -18,8 +18,9 @@ validation accuracy 94.6%; the errors are mostly circle <-> hexagon.
 Arguments: smoke (bool, a seconds-long run on tiny32 / tinysingle32), res (32 or 64), label
 ('label' or 'shape_colour'), builder_config ('' = single<res> for shape_colour, res<res> for
 label, tiny* for smoke), steps (int, 0 = default), model ('classifier' = the ResNet, or
-'vit' = the image tower of experiments/clip_shapes.py with a classification layer: the
-supervised tower that lit_shapes.py locks).
+'vit' = the image tower of experiments/clip_shapes.py with a classification layer, lr 1e-3:
+the supervised tower that lit_shapes.py locks; `model=vit,steps=600`: 0.597 validation
+accuracy).
 """
 
 from zoo import config as zoo_config
@@ -67,7 +68,8 @@ def get_config(arg=None):
       progress_bar=not arg.smoke))
 
   config.optim = ConfigDict(dict(
-      name='adamw', lr=3e-3, schedule='cosine', warmup_steps=2 if arg.smoke else 100,
+      name='adamw', lr=1e-3 if arg.model == 'vit' else 3e-3, schedule='cosine',
+      warmup_steps=2 if arg.smoke else 100,
       end_lr_factor=0.01, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0,
       ema_decay=0.9 if arg.smoke else 0.99))
 
