@@ -47,7 +47,7 @@ def get_config(arg=None):
   config.task = ConfigDict(dict(
       name='diffusion', schedule='cosine', num_timesteps=1000, prediction_type='epsilon',
       label_dropout=0.1, sampler='dpmpp_2m', sample_steps=20, eta=0.0, guidance_scale=4.0,
-      clip_x0=True))
+      clip_x0=True, snr_gamma=0.0))
 
   config.train = ConfigDict(dict(
       steps=arg.steps or (20 if arg.smoke else 4000), batch_size=8 if arg.smoke else 32,

@@ -86,7 +86,7 @@ def get_config(arg=None):
   config.task = ConfigDict(dict(
       name='text_to_image', schedule='cosine', num_timesteps=1000, prediction_type='epsilon',
       caption_dropout=0.1, negative_prompt='', sampler='dpmpp_2m', sample_steps=20, eta=0.0,
-      guidance_scale=4.0, clip_x0=True, text_encoder=text, text_encoder_from='',
+      guidance_scale=4.0, clip_x0=True, snr_gamma=0.0, text_encoder=text, text_encoder_from='',
       train_text_encoder=True, vae=vae, vae_from=arg.vae, latent_key=''))
   if arg.latents:
     config.data = zoo_latents.latents_data(config.data, arg.latents)

@@ -33,7 +33,7 @@ def get_config(arg=None):
   config.task = ConfigDict(dict(
       name='diffusion', schedule='cosine', num_timesteps=1000, prediction_type='epsilon',
       label_dropout=0.1, sampler='ddim', sample_steps=50, eta=0.0, guidance_scale=2.0,
-      clip_x0=True))
+      clip_x0=True, snr_gamma=0.0))
 
   # eval_every=0: the evaluators run once, at the end.
   config.train = ConfigDict(dict(

@@ -42,7 +42,7 @@ def get_config(arg=None):
   config.task = ConfigDict(dict(
       name='diffusion', schedule='cosine', num_timesteps=1000, prediction_type='epsilon',
       label_dropout=0.1, sampler='ddim', sample_steps=50, eta=0.0, guidance_scale=2.0,
-      clip_x0=True))
+      clip_x0=True, snr_gamma=0.0))
 
   config.train = ConfigDict(dict(
       steps=arg.steps or (20 if arg.smoke else 3000), batch_size=8 if arg.smoke else 32,

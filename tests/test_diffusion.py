@@ -152,6 +152,38 @@ def test_loss_is_per_example_mse():
     np.testing.assert_allclose(losses, np.arange(6) ** 2, atol=1e-4)
 
 
+@pytest.mark.parametrize('schedule', ['linear', 'cosine'])
+def test_min_snr_weights(schedule):
+  sched = diffusion.Schedule.create(schedule, T)
+  t_B = jnp.array([0, 10, 200, 500, 999])
+  ab = np.asarray(diffusion.make_betas(schedule, T), np.float64)
+  ab = np.cumprod(1.0 - ab)[np.asarray(t_B)]
+  snr = ab / (1.0 - ab)
+  clipped = np.minimum(snr, 5.0)
+  expected = {'epsilon': clipped / snr, 'v': clipped / (snr + 1.0), 'x0': clipped}
+  for prediction_type, want in expected.items():
+    got = diffusion.snr_weights(prediction_type, sched, t_B, 5.0)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    np.testing.assert_array_equal(diffusion.snr_weights(prediction_type, sched, t_B, 0.0), 1.0)
+  # For ε every weight lies in (0, 1], 1 exactly where SNR <= γ (the noisy steps).
+  eps = np.asarray(expected['epsilon'])
+  assert eps[0] < 1e-2 and eps[-1] == 1.0
+  with pytest.raises(ValueError, match='snr_gamma'):
+    diffusion.snr_weights('epsilon', sched, t_B, -1.0)
+
+
+def test_min_snr_loss_scales_each_example():
+  sched = diffusion.Schedule.create('cosine', T)
+  x0, noise, t_B = _example_batch(2)
+  for prediction_type in diffusion.PREDICTION_TYPES:
+    pred = diffusion.target(prediction_type, sched, x0, noise, t_B) + 1.0
+    plain = diffusion.loss(prediction_type, sched, pred, x0, noise, t_B)
+    weighted = diffusion.loss(prediction_type, sched, pred, x0, noise, t_B, snr_gamma=5.0)
+    np.testing.assert_allclose(
+        weighted, plain * diffusion.snr_weights(prediction_type, sched, t_B, 5.0), rtol=1e-6)
+    assert not np.allclose(weighted, plain)
+
+
 def test_unknown_prediction_type():
   sched = diffusion.Schedule.create('linear', T)
   x0, noise, t_B = _example_batch()

@@ -286,6 +286,21 @@ def test_sharded_batch_matches_single_device(sampler):
 # ---------------------------------------------------------------- timestep spacing
 
 
+@pytest.mark.parametrize('schedule', ['linear', 'cosine'])
+def test_min_snr_weights_match_diffusers(schedule):
+  """zoo's ε weights equal diffusers' train_text_to_image.py `--snr_gamma` weights."""
+  from diffusers.training_utils import compute_snr
+  betas = np.asarray(diffusion.make_betas(schedule, T))
+  sch = DDIMScheduler(num_train_timesteps=T, trained_betas=betas.tolist())
+  sch.alphas_cumprod = torch.from_numpy(np.cumprod(1 - betas))  # float64, as zoo's table
+  t = np.array([0, 3, 40, 250, 600, 999])
+  snr = compute_snr(sch, torch.from_numpy(t))
+  gamma = torch.full_like(snr, 5.0)
+  want = torch.stack([snr, gamma], dim=1).min(dim=1)[0] / snr
+  got = diffusion.snr_weights('epsilon', diffusion.Schedule.create(schedule, T), t, 5.0)
+  np.testing.assert_allclose(got, want.numpy(), rtol=1e-4)
+
+
 @pytest.mark.parametrize('spacing', diffusion.TIMESTEP_SPACINGS)
 @pytest.mark.parametrize('steps', [1, 3, 7, 50, 1000])
 def test_timestep_spacing_matches_diffusers(spacing, steps):

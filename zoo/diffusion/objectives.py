@@ -58,15 +58,41 @@ def to_eps_and_x0(prediction_type, sched, x_t, t, pred):
   return s * x_t + a * pred, a * x_t - s * pred
 
 
-def loss(prediction_type, sched, pred, x0, noise, t):
+def snr_weights(prediction_type, sched, t, gamma):
+  """Min-SNR-γ loss weights (Hang et al. 2023; diffusers' `--snr_gamma`), shape (B,).
+
+  With SNR_t = ᾱ_t / (1 - ᾱ_t), the weight that turns each parameterisation's MSE into
+  min(SNR_t, γ) times the x0 error: min(SNR, γ) / SNR for ε, min(SNR, γ) / (SNR + 1) for v and
+  min(SNR, γ) for x0. High-SNR (low-noise) steps, easy to denoise, stop dominating the
+  gradient. gamma = 0 gives ones: the unweighted loss.
+  """
+  check_prediction_type(prediction_type)
+  if gamma < 0:
+    raise ValueError(f'snr_gamma={gamma} must be >= 0 (0 = unweighted)')
+  t = jnp.asarray(t)
+  if gamma == 0:
+    return jnp.ones(t.shape, jnp.float32)
+  snr = jnp.square(sched.sqrt_alphas_cumprod[t] / sched.sqrt_one_minus_alphas_cumprod[t])
+  clipped = jnp.minimum(snr, gamma)
+  if prediction_type == 'epsilon':
+    return clipped / snr
+  if prediction_type == 'v':
+    return clipped / (snr + 1.0)
+  return clipped
+
+
+def loss(prediction_type, sched, pred, x0, noise, t, snr_gamma=0.0):
   """Per-example mean squared error (B,) between `pred` and the target.
 
-  The weighting is uniform over timesteps in the chosen parameterisation (the "simple"
-  loss of DDPM for ε); no SNR reweighting is applied. Computed in float32.
+  Uniform over timesteps in the chosen parameterisation (the "simple" loss of DDPM for ε)
+  unless `snr_gamma` > 0 applies the min-SNR-γ weights of `snr_weights`. Computed in float32.
   """
   tgt = target(prediction_type, sched, x0, noise, t)
   err = jnp.square(pred.astype(jnp.float32) - tgt.astype(jnp.float32))
-  return jnp.mean(jnp.reshape(err, (err.shape[0], -1)), axis=1)
+  mse = jnp.mean(jnp.reshape(err, (err.shape[0], -1)), axis=1)
+  if snr_gamma == 0:
+    return mse
+  return mse * jnp.broadcast_to(snr_weights(prediction_type, sched, t, snr_gamma), mse.shape)
 
 
 # Learned variance (iDDPM "learned range", ADM/DiT `gaussian_diffusion.py` with learn_sigma).

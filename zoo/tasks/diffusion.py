@@ -17,7 +17,7 @@ DENOISERS = ('unet', 'dit')  # Models with the (x_t, t, labels=, context=) denoi
 SCHEMA = {
     'name': str, 'schedule': str, 'num_timesteps': int, 'prediction_type': str,
     'label_dropout': float, 'sampler': str, 'sample_steps': int, 'eta': float,
-    'guidance_scale': float, 'clip_x0': bool,
+    'guidance_scale': float, 'clip_x0': bool, 'snr_gamma': float,
 }
 
 
@@ -113,11 +113,13 @@ def denoising_loss(task, pred, x0, x_t, noise, t):
   """(loss, metrics): the mean ε/v/x0 loss, plus the VLB for learned-σ models (iDDPM hybrid)."""
   pred = pred.astype(jnp.float32)
   if not task.learn_sigma:
-    loss = diffusion.loss(task.cfg.prediction_type, task.schedule, pred, x0, noise, t).mean()
+    loss = diffusion.loss(task.cfg.prediction_type, task.schedule, pred, x0, noise, t,
+                          snr_gamma=task.cfg.snr_gamma).mean()
     return loss, {'loss': loss}
   # The VLB's gradient reaches only the variance channels (ε is stop-gradiented inside).
   eps, v = jnp.split(pred, 2, axis=-1)
-  mse = diffusion.loss('epsilon', task.schedule, eps, x0, noise, t).mean()
+  mse = diffusion.loss('epsilon', task.schedule, eps, x0, noise, t,
+                       snr_gamma=task.cfg.snr_gamma).mean()
   vlb = diffusion.vlb_loss(task.schedule, x0, x_t, t, eps, v).mean()
   return mse + vlb, {'loss': mse + vlb, 'mse': mse, 'vlb': vlb}
 
@@ -138,6 +140,8 @@ def check_sampling(task):
   if task.num_timesteps < 1 or not 1 <= task.sample_steps <= task.num_timesteps:
     raise ValueError(f'config.task.sample_steps={task.sample_steps} must lie in '
                      f'[1, num_timesteps={task.num_timesteps}]')
+  if task.snr_gamma < 0:
+    raise ValueError(f'config.task.snr_gamma={task.snr_gamma} must be >= 0 (0 = unweighted)')
 
 
 def sampler_settings(cfg, sampler, steps, guidance_scale, eta):
