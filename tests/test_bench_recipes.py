@@ -61,3 +61,9 @@ def test_table_on_smoke_data(tmp_path):
   for key in ('g2', 'g4', 'g7', 'g2_raw', 'g4_raw', 'g7_raw'):
     assert 0.0 <= trained[key] <= trained[key + '_shape'] <= 1.0
   assert np.isfinite(trained['loss'])
+
+
+def test_overrides_reach_every_recipe(tmp_path):
+  with pytest.raises((KeyError, ValueError), match='snr_gama'):
+    recipes.main(['--config', f'{DIT_SHAPES}:smoke=True', '--recipes', 'base', '--steps', '2',
+                  '--override', 'task.snr_gama=5.0', '--out', str(tmp_path / 'r.json')])

@@ -94,8 +94,11 @@ def _load_split(data_cfg, split):
   return {k: np.concatenate([b[k] for b in parts]) for k in ('image', 'label')}
 
 
-def run_recipe(config_spec, name, *, train_seconds, num, steps=0, emit=print):
-  """Trains (or, for 'oracle', samples from the optimal denoiser) one recipe; emits row dicts."""
+def run_recipe(config_spec, name, *, train_seconds, num, steps=0, overrides=(), emit=print):
+  """Trains (or, for 'oracle', samples from the optimal denoiser) one recipe; emits row dicts.
+
+  `overrides` ('a.b=V') apply to every recipe, after the recipe's own.
+  """
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -106,10 +109,10 @@ def run_recipe(config_spec, name, *, train_seconds, num, steps=0, emit=print):
   from zoo.evals import adherence
   from zoo.evals import generation
 
-  arg, overrides, eval_every = RECIPES[name]
+  arg, recipe_overrides, eval_every = RECIPES[name]
   path, _, base_arg = config_spec.partition(':')
   spec = f'{path}:{",".join(filter(None, (base_arg, arg)))}'
-  config = zoo_config.load(spec, [f'--config.{o}' for o in overrides] +
+  config = zoo_config.load(spec, [f'--config.{o}' for o in (*recipe_overrides, *overrides)] +
                            ([f'--config.train.steps={steps}'] if steps else []))
   steps = config.train.steps
   eval_every = min(eval_every, steps) if eval_every else 0
@@ -207,10 +210,13 @@ def main(argv=None):
   parser.add_argument('--num', type=int, default=256, help='validation labels sampled')
   parser.add_argument('--steps', type=int, default=0, help='every recipe\'s steps (0: its own)')
   parser.add_argument('--jobs', type=int, default=1, help='recipes trained at once')
+  parser.add_argument('--override', nargs='*', default=[],
+                      help='a.b=V overrides for every recipe (e.g. data.builder_config=single32)')
   parser.add_argument('--out', default='recipes.json')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  common = dict(train_seconds=args.train_seconds, num=args.num, steps=args.steps)
+  common = dict(train_seconds=args.train_seconds, num=args.num, steps=args.steps,
+                overrides=args.override)
   if args.worker:
     run_recipe(args.config, args.worker, emit=lambda r: print(json.dumps(r), flush=True),
                **common)
@@ -239,7 +245,7 @@ def _run_parallel(args, emit):
     while pending and len(running) < args.jobs:
       cmd = [sys.executable, '-m', 'zoo.bench.recipes', '--config', args.config,
              '--worker', pending.pop(0), '--train-seconds', str(args.train_seconds),
-             '--num', str(args.num), '--steps', str(args.steps)]
+             '--num', str(args.num), '--steps', str(args.steps), '--override', *args.override]
       running.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
     proc = running.pop(0)
     for line in proc.stdout:
