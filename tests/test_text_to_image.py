@@ -148,6 +148,32 @@ def test_prompt_cli_writes_one_row_per_prompt(pixel_run, tmp_path, capsys):
   assert 'use --prompt' in capsys.readouterr().err
 
 
+def _assert_inpainted(task, params, shape, **kw):
+  """Inpaints a centre box of two random images: kept pixels exact, the box regenerated."""
+  images = np.random.default_rng(0).uniform(0, 1, (2, *shape)).astype(np.float32)
+  mask = np.zeros(shape[:2] + (1,), np.float32)
+  mask[shape[0] // 4:shape[0] // 2, shape[1] // 4:shape[1] // 2] = 1.0
+  out = task.predict['inpaint'](params, jax.random.PRNGKey(0), images, mask,
+                                prompts=['a red circle.', 'a blue star.'], steps=3, **kw)
+  assert out.shape == images.shape
+  keep = np.broadcast_to(mask == 0, images.shape)
+  np.testing.assert_array_equal(out[keep], images[keep])
+  assert np.abs(out[~keep] - images[~keep]).mean() > 0.05
+  return images, mask
+
+
+def test_text_to_image_inpainting(pixel_run):
+  _, s, state = runs.load(pixel_run)
+  images, mask = _assert_inpainted(s.task, state['ema_params'], (32, 32, 3),
+                                   jump_length=1, jump_n_sample=2)
+  with pytest.raises(ValueError, match='1 prompts for 2 images'):
+    s.task.predict['inpaint'](state['ema_params'], jax.random.PRNGKey(0), images, mask,
+                              prompts=['a red circle.'])
+  with pytest.raises(ValueError, match='text-conditional'):
+    s.task.predict['inpaint'](state['ema_params'], jax.random.PRNGKey(0), images, mask,
+                              np.zeros(2, np.int32))
+
+
 def test_latent_run_freezes_the_vae_it_loads(tmp_path):
   vae_dir, ldm_dir = str(tmp_path / 'vae'), str(tmp_path / 'ldm')
   vae_config = zoo_config.load(f'{VAE}:smoke=True,steps=4', QUIET)
@@ -162,6 +188,8 @@ def test_latent_run_freezes_the_vae_it_loads(tmp_path):
   images = s.task.predict['sample'](ldm_state['ema_params'], jax.random.PRNGKey(0),
                                     prompts=['a red circle.'], steps=2)
   assert images.shape == (1, 64, 64, 3)
+  # Inpainting on latents: the mask max-pooled to the latent grid, the known pixels pasted back.
+  _assert_inpainted(s.task, ldm_state['ema_params'], (64, 64, 3), mode='blend')
   bad = zoo_config.load(f'{LDM}:smoke=True,steps=4,vae={tmp_path / "missing"}', QUIET)
   with pytest.raises(FileNotFoundError, match='missing'):
     train.train_and_evaluate(bad, str(tmp_path / 'bad'))

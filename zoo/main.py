@@ -37,6 +37,16 @@ def _parser():
                       help="what guidance steers away from (default: the experiment's, usually '')")
   sample.add_argument('--seed', type=int, default=0)
   sample.add_argument('--upscale', type=int, default=4)
+  sample.add_argument('--mode', choices=('sample', 'inpaint', 'outpaint'), default='sample',
+                      help='inpaint: regenerate --image where --mask is white; outpaint: grow '
+                           '--image by --pad pixels per side')
+  sample.add_argument('--image', default=None, help='inpaint/outpaint: the known image (PNG)')
+  sample.add_argument('--mask', default=None, help='inpaint: white = generate, black = keep')
+  sample.add_argument('--pad', type=int, default=0, help='outpaint: new pixels per side')
+  sample.add_argument('--method', choices=('repaint', 'blend'), default='repaint',
+                      help='inpaint/outpaint: RePaint resampling or plain blended diffusion')
+  sample.add_argument('--jump-length', type=int, default=10, help='RePaint: steps per jump')
+  sample.add_argument('--jump-n-sample', type=int, default=10, help='RePaint: visits per jump')
   evaluate = sub.add_parser('eval', help='run the experiment\'s evaluators on the latest checkpoint')
   evaluate.add_argument('--workdir', required=True)
   latents = sub.add_parser('latents', help="encode a latent-diffusion experiment's dataset "
@@ -84,7 +94,19 @@ def main(argv=None):
     if args.command == 'train':
       config = zoo_config.load(args.config, overrides)
       train.train_and_evaluate(config, args.workdir)
+    elif args.command == 'sample' and args.mode != 'sample':
+      if args.image is None:
+        raise ValueError(f'--mode {args.mode} needs --image IN.png')
+      runs.inpaint(args.workdir, args.out, args.image, mask=args.mask, pad=args.pad,
+                   mode=args.mode, num=args.num, labels=args.label, prompts=args.prompt,
+                   negative_prompt=args.negative_prompt, method=args.method,
+                   sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
+                   seed=args.seed, upscale=args.upscale, jump_length=args.jump_length,
+                   jump_n_sample=args.jump_n_sample)
+      print(args.out)
     elif args.command == 'sample':
+      if args.image or args.mask or args.pad:
+        raise ValueError('--image, --mask and --pad need --mode inpaint or --mode outpaint')
       runs.sample(args.workdir, args.out, num=args.num, labels=args.label, sampler=args.sampler,
                   steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                   upscale=args.upscale, prompts=args.prompt,

@@ -8,6 +8,7 @@ import numpy as np
 import data as data_lib
 from zoo import checkpoint
 from zoo import config as zoo_config
+from zoo import diffusion
 from zoo import evals
 from zoo import metrics
 from zoo import sharding
@@ -96,3 +97,71 @@ def sample(workdir, out, *, num=16, labels=None, sampler=None, steps=None,
   if jax.process_index() == 0:
     metrics.save_image_grid(images, out, ncols=ncols, upscale=upscale)
   return images
+
+
+def read_png(path, channels, what):
+  """A PNG (or JPEG) as HxWxC float32 in [0, 1] with the run's channel count."""
+  from PIL import Image
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} {path!r} not found')
+  with Image.open(path) as img:
+    return np.asarray(img.convert('RGB' if channels == 3 else 'L'), np.float32).reshape(
+        img.size[1], img.size[0], channels) / 255.0
+
+
+def inpaint(workdir, out, image, *, mask=None, pad=0, mode='inpaint', num=4, labels=None,
+            prompts=None, negative_prompt=None, method='repaint', sampler=None, steps=None,
+            guidance_scale=None, seed=0, use_ema=True, upscale=4, jump_length=10,
+            jump_n_sample=10):
+  """Inpaints `image` (a PNG) where `mask` (a PNG, white = generate) is set, or outpaints it
+  (mode='outpaint': the image grows by `pad` pixels per side to the model's resolution).
+
+  Writes one row to `out`: the known pixels (the rest mid-grey), then `num` results that keep
+  them exactly. Class-conditional runs take one label per result (`labels` cycle), text runs
+  one prompt per result (`prompts` cycle).
+  """
+  if mode not in ('inpaint', 'outpaint'):
+    raise ValueError(f"mode={mode!r} must be 'inpaint' or 'outpaint'")
+  config, s, state = load(workdir)
+  if 'inpaint' not in s.task.predict:
+    raise ValueError(f'the {config.task.name!r} run in {workdir} does not generate images')
+  h, w, c = s.task.pixel_shape
+  known = read_png(image, c, '--image')
+  if mode == 'outpaint':
+    if mask is not None:
+      raise ValueError('--mode outpaint makes its own mask from --pad: drop --mask')
+    known, mask_HxWx1 = (np.asarray(a) for a in diffusion.outpaint_canvas(known, pad, h))
+  else:
+    if mask is None:
+      raise ValueError('--mode inpaint needs --mask MASK.png (white = generate, black = keep)')
+    if known.shape != (h, w, c):
+      raise ValueError(f'--image is {known.shape[1]}x{known.shape[0]}; the model generates '
+                       f'{w}x{h}')
+    mask_HxWx1 = diffusion.check_mask(read_png(mask, 1, '--mask'), (h, w, c))
+  label_ids, text = None, {}
+  if s.task.conditioning == 'class':
+    if not labels:
+      raise ValueError('this model is class-conditional: pass --label N (repeatable)')
+    label_ids = np.resize(np.asarray(labels, np.int32), num)
+  elif labels:
+    raise ValueError(f'this model is not class-conditional ({s.task.conditioning}): '
+                     '--label does not apply')
+  if s.task.conditioning == 'text':
+    if not prompts:
+      raise ValueError('this model is text-conditional: pass --prompt "..." (repeatable)')
+    text['prompts'] = [prompts[i % len(prompts)] for i in range(num)]
+    if negative_prompt is not None:
+      text['negative_prompts'] = [negative_prompt] * num
+  elif prompts or negative_prompt is not None:
+    raise ValueError(f'this model is not text-conditional ({s.task.conditioning}): --prompt and '
+                     '--negative-prompt do not apply')
+  params = state['ema_params' if use_ema else 'params']
+  results = s.task.predict['inpaint'](
+      params, jax.random.PRNGKey(seed), np.repeat(known[None], num, 0), mask_HxWx1, label_ids,
+      **text, mode=method, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+      jump_length=jump_length, jump_n_sample=jump_n_sample)
+  shown = np.where(mask_HxWx1 > 0, 0.5, known)[None]
+  if jax.process_index() == 0:
+    metrics.save_image_grid(np.concatenate([shown, results]), out, ncols=num + 1,
+                            upscale=upscale)
+  return results

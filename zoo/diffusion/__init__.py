@@ -1,5 +1,13 @@
 """Diffusion as pure functions: schedules, forward process and losses, samplers, guidance."""
 
+from zoo.diffusion.inpaint import (
+  INPAINT_SAMPLERS,
+  MODES as INPAINT_MODES,
+  check_mask,
+  inpaint,
+  outpaint_canvas,
+  repaint_schedule,
+)
 from zoo.diffusion.objectives import (
   PREDICTION_TYPES,
   ddpm_learned_variance_step,
@@ -22,6 +30,12 @@ from zoo.diffusion.samplers import (
 from zoo.diffusion.schedules import SCHEDULES, Schedule, make_betas
 
 __all__ = [
+  'INPAINT_MODES',
+  'INPAINT_SAMPLERS',
+  'check_mask',
+  'inpaint',
+  'outpaint_canvas',
+  'repaint_schedule',
   'PREDICTION_TYPES',
   'SAMPLERS',
   'SCHEDULES',

@@ -8,6 +8,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zoo import config as zoo_config
 from zoo import diffusion
@@ -42,8 +43,9 @@ class DiffusionTask:
     self.cfg = config.task
     self.num_classes = config.model.num_classes
     self.image_shape = (config.data.resolution, config.data.resolution, config.model.in_channels)
+    self.pixel_shape = self.image_shape  # What users pass and get (text_to_image: VAE pixels).
     self.schedule = diffusion.Schedule.create(self.cfg.schedule, self.cfg.num_timesteps)
-    self.predict = {'sample': self.sample}
+    self.predict = {'sample': self.sample, 'inpaint': self.inpaint}
     # What predict['sample'] is conditioned on: 'class' (labels_B), 'none' (num) or 'text'.
     self.conditioning = 'class' if self.num_classes else 'none'
     self.learn_sigma = bool(config.model.get('learn_sigma', False))
@@ -81,18 +83,48 @@ class DiffusionTask:
 
     Unset sampler settings come from `config.task`; guidance needs a class-conditional model.
     """
-    cfg = self.cfg
+    labels_B, num = self._check_labels(labels_B, num)
+    return _sample(self, params, rng, labels_B, num=num,
+                   **sampler_settings(self.cfg, sampler, steps, guidance_scale, eta))
+
+  def inpaint(self, params, rng, images, masks, labels_B=None, *, mode='repaint', sampler=None,
+              steps=None, guidance_scale=None, eta=None, jump_length=10, jump_n_sample=10):
+    """`images` (BxHxWxC in [0, 1]) with the masked pixels (masks BxHxWx1 or HxWx1: 1 =
+    generate) regenerated; every other pixel is returned unchanged.
+
+    Training-free (`diffusion.inpaint`: RePaint or blended diffusion) for any run of this
+    task; sampler 'ddpm' (the default unless `config.task.sampler` is ddim) or 'ddim'.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[1:] != self.image_shape:
+      raise ValueError(f'images have shape {images.shape}; this model needs Bx{self.image_shape} '
+                       '(config.data.resolution, config.model.in_channels)')
+    masks = diffusion.check_mask(masks, images.shape)
+    labels_B, _ = self._check_labels(labels_B, images.shape[0])
+    if labels_B is not None and labels_B.shape[0] != images.shape[0]:
+      raise ValueError(f'{labels_B.shape[0]} labels for {images.shape[0]} images')
+    if sampler is None:
+      sampler = self.cfg.sampler if self.cfg.sampler in diffusion.INPAINT_SAMPLERS else 'ddpm'
+    settings = sampler_settings(self.cfg, sampler, steps, guidance_scale, eta)
+    out = _inpaint(self, params, rng, jnp.asarray(images * 2.0 - 1.0), jnp.asarray(masks),
+                   labels_B, mode=mode, jump_length=jump_length, jump_n_sample=jump_n_sample,
+                   **settings)
+    return np.where(masks > 0, np.asarray(out), images)
+
+  def _check_labels(self, labels_B, num):
+    """(labels_B as int32 or None, batch size): labels for class-conditional models only."""
     if self.num_classes:
       if labels_B is None:
         raise ValueError('this model is class-conditional: pass labels')
       labels_B = jnp.asarray(labels_B, jnp.int32)
       if int(jnp.max(labels_B)) > self.num_classes or int(jnp.min(labels_B)) < 0:
         raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = null)')
-      num = labels_B.shape[0]
-    elif num is None:
+      return labels_B, labels_B.shape[0]
+    if labels_B is not None:
+      raise ValueError('this model is unconditional: labels do not apply')
+    if num is None:
       raise ValueError('this model is unconditional: pass num')
-    return _sample(self, params, rng, labels_B, num=num,
-                   **sampler_settings(cfg, sampler, steps, guidance_scale, eta))
+    return None, num
 
   def denoiser(self, params, labels_B, guidance_scale):
     """model_fn(x_t, t_B) -> prediction, with classifier-free guidance for labelled models."""
@@ -164,4 +196,17 @@ def _sample(task, params, rng, labels_B, *, num, sampler, steps, guidance_scale,
   x0 = diffusion.sample(model_fn, task.schedule, x_T, rng_loop, sampler=sampler, steps=steps,
                         eta=eta, prediction_type=task.cfg.prediction_type,
                         clip_x0=task.cfg.clip_x0, learned_variance=task.learn_sigma)
+  return (jnp.clip(x0, -1.0, 1.0) + 1.0) / 2.0
+
+
+@functools.partial(jax.jit, static_argnames=('task', 'mode', 'sampler', 'steps', 'guidance_scale',
+                                             'jump_length', 'jump_n_sample'))
+def _inpaint(task, params, rng, x_known, mask, labels_B, *, mode, sampler, steps, guidance_scale,
+             eta, jump_length, jump_n_sample):
+  guided = task.denoiser(params, labels_B, guidance_scale)
+  channels = task.image_shape[-1]  # Learned-σ models also return v: inpainting uses ε alone.
+  x0 = diffusion.inpaint(lambda x, t: guided(x, t)[..., :channels], task.schedule, x_known, mask,
+                         rng, mode=mode, sampler=sampler, steps=steps, eta=eta,
+                         prediction_type=task.cfg.prediction_type, clip_x0=task.cfg.clip_x0,
+                         jump_length=jump_length, jump_n_sample=jump_n_sample)
   return (jnp.clip(x0, -1.0, 1.0) + 1.0) / 2.0

@@ -20,6 +20,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from data import captions
 from zoo import checkpoint
@@ -129,6 +130,8 @@ class TextToImageTask:
     self.learn_sigma = bool(config.model.get('learn_sigma', False))
     res = config.data.resolution
     channels = config.model.in_channels
+    # What users pass and get: pixels (the VAE's input when the denoiser runs on latents).
+    self.pixel_shape = (res, res, self.vae.in_channels if self.vae is not None else channels)
     if self.vae is not None:
       res //= 2 ** (len(self.vae.block_out_channels) - 1)
     self.image_shape = (res, res, channels)
@@ -143,7 +146,8 @@ class TextToImageTask:
     self.latents = None  # The record of pre-computed latents, checked against the VAE.
     if task.latent_key:
       self.latents = (latents.check_provenance(config), config.data.data_dir)
-    self.predict = {'sample': self.sample, 'encode_text': self.encode_text}
+    self.predict = {'sample': self.sample, 'encode_text': self.encode_text,
+                    'inpaint': self.inpaint}
 
   def init(self, rng, batch):
     """Boxed params {'denoiser', 'text_encoder'[, 'vae']} for a batch of this shape."""
@@ -221,6 +225,11 @@ class TextToImageTask:
     """
     if labels_B is not None or num is not None:
       raise ValueError('this model is text-conditional: pass prompts=[...], not labels or num')
+    settings = diffusion_task.sampler_settings(self.cfg, sampler, steps, guidance_scale, eta)
+    return _sample(self, params, rng, *self._tokens(prompts, negative_prompts), **settings)
+
+  def _tokens(self, prompts, negative_prompts):
+    """(ids, mask, negative ids, negative mask) of the prompts, checked."""
     if not prompts or isinstance(prompts, str):
       raise ValueError('prompts must be a non-empty list of strings')
     prompts = list(prompts)
@@ -228,36 +237,88 @@ class TextToImageTask:
       negative_prompts = [self.cfg.negative_prompt] * len(prompts)
     if len(negative_prompts) != len(prompts):
       raise ValueError(f'{len(negative_prompts)} negative prompts for {len(prompts)} prompts')
-    ids, mask = self.tokenizer.encode(prompts, self.max_len)
-    neg_ids, neg_mask = self.tokenizer.encode(list(negative_prompts), self.max_len)
+    return (*self.tokenizer.encode(prompts, self.max_len),
+            *self.tokenizer.encode(list(negative_prompts), self.max_len))
+
+  def inpaint(self, params, rng, images, masks, labels_B=None, *, prompts=None,
+              negative_prompts=None, mode='repaint', sampler=None, steps=None,
+              guidance_scale=None, eta=None, jump_length=10, jump_n_sample=10):
+    """`images` (BxHxWxC pixels in [0, 1]) regenerated where `masks` is 1, one prompt each.
+
+    Latent runs encode the images with the VAE (posterior mean), inpaint the latents under the
+    mask max-pooled to the latent grid (a latent is regenerated if any of its pixels is), decode,
+    and paste the known pixels back: pixels outside the mask come back exactly in both spaces.
+    """
+    if labels_B is not None:
+      raise ValueError('this model is text-conditional: pass prompts=[...], not labels')
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[1:] != self.pixel_shape:
+      raise ValueError(f'images have shape {images.shape}; this model needs Bx{self.pixel_shape}')
+    masks = diffusion.check_mask(masks, images.shape)
+    tokens = self._tokens(prompts, negative_prompts)
+    if len(tokens[0]) != images.shape[0]:
+      raise ValueError(f'{len(tokens[0])} prompts for {images.shape[0]} images')
+    if sampler is None:
+      sampler = self.cfg.sampler if self.cfg.sampler in diffusion.INPAINT_SAMPLERS else 'ddpm'
     settings = diffusion_task.sampler_settings(self.cfg, sampler, steps, guidance_scale, eta)
-    return _sample(self, params, rng, ids, mask, neg_ids, neg_mask, **settings)
+    full = np.broadcast_to(masks, images.shape[:-1] + (1,))
+    out = _inpaint(self, params, rng, jnp.asarray(images * 2.0 - 1.0), jnp.asarray(full), *tokens,
+                   mode=mode, jump_length=jump_length, jump_n_sample=jump_n_sample, **settings)
+    return np.where(full > 0, np.asarray(out), images)
 
   # Tasks are static arguments of jitted functions: identity hashing is what we want.
   __hash__ = object.__hash__
 
 
-@functools.partial(jax.jit, static_argnames=('task', 'sampler', 'steps', 'guidance_scale'))
-def _sample(task, params, rng, ids, mask, neg_ids, neg_mask, *, sampler, steps, guidance_scale,
-            eta):
-  rng_init, rng_loop = jax.random.split(rng)
-  num = ids.shape[0]
-  x_T = jax.random.normal(rng_init, (num, *task.image_shape), jnp.float32)
+def _guided(task, params, ids, mask, neg_ids, neg_mask, guidance_scale):
+  """model_fn(x_t, t_B) of the denoiser under the prompts, guided against the negatives."""
   cond = task.encode_text(params, ids, mask)
 
   def pred_fn(x, t, c):
     return task.model.apply({'params': params['denoiser']}, x, t, **c).astype(jnp.float32)
 
   if guidance_scale == 1.0:
-    model_fn = lambda x, t: pred_fn(x, t, cond)  # noqa: E731
-  else:
-    model_fn = diffusion.classifier_free_guidance(
-        pred_fn, cond, task.encode_text(params, neg_ids, neg_mask), guidance_scale)
-  x0 = diffusion.sample(model_fn, task.schedule, x_T, rng_loop, sampler=sampler, steps=steps,
-                        eta=eta, prediction_type=task.cfg.prediction_type,
-                        clip_x0=task.cfg.clip_x0 and task.vae is None,
-                        learned_variance=task.learn_sigma)
+    return lambda x, t: pred_fn(x, t, cond)
+  return diffusion.classifier_free_guidance(
+      pred_fn, cond, task.encode_text(params, neg_ids, neg_mask), guidance_scale)
+
+
+def _to_pixels(task, params, x0):
   if task.vae is not None:
     z = vae_lib.from_latent(x0, task.vae.scaling_factor, task.vae.shift_factor)
     x0 = task.vae.apply({'params': params['vae']}, z, method='decode')
   return (jnp.clip(x0, -1.0, 1.0) + 1.0) / 2.0
+
+
+@functools.partial(jax.jit, static_argnames=('task', 'sampler', 'steps', 'guidance_scale'))
+def _sample(task, params, rng, ids, mask, neg_ids, neg_mask, *, sampler, steps, guidance_scale,
+            eta):
+  rng_init, rng_loop = jax.random.split(rng)
+  x_T = jax.random.normal(rng_init, (ids.shape[0], *task.image_shape), jnp.float32)
+  model_fn = _guided(task, params, ids, mask, neg_ids, neg_mask, guidance_scale)
+  x0 = diffusion.sample(model_fn, task.schedule, x_T, rng_loop, sampler=sampler, steps=steps,
+                        eta=eta, prediction_type=task.cfg.prediction_type,
+                        clip_x0=task.cfg.clip_x0 and task.vae is None,
+                        learned_variance=task.learn_sigma)
+  return _to_pixels(task, params, x0)
+
+
+@functools.partial(jax.jit, static_argnames=('task', 'mode', 'sampler', 'steps', 'guidance_scale',
+                                             'jump_length', 'jump_n_sample'))
+def _inpaint(task, params, rng, x_known, mask, ids, tokens_mask, neg_ids, neg_mask, *, mode,
+             sampler, steps, guidance_scale, eta, jump_length, jump_n_sample):
+  if task.vae is not None:
+    mean, logvar = task.vae.apply({'params': params['vae']}, x_known, method='encode')
+    x_known = vae_lib.to_latent(mean, logvar, None, task.vae.scaling_factor,
+                                task.vae.shift_factor)
+    b, h, w, _ = mask.shape
+    f = h // x_known.shape[1]
+    mask = jnp.max(mask.reshape(b, h // f, f, w // f, f, 1), axis=(2, 4))
+  guided = _guided(task, params, ids, tokens_mask, neg_ids, neg_mask, guidance_scale)
+  channels = task.image_shape[-1]  # Learned-σ models also return v: inpainting uses ε alone.
+  x0 = diffusion.inpaint(lambda x, t: guided(x, t)[..., :channels], task.schedule, x_known, mask,
+                         rng, mode=mode, sampler=sampler, steps=steps, eta=eta,
+                         prediction_type=task.cfg.prediction_type,
+                         clip_x0=task.cfg.clip_x0 and task.vae is None, jump_length=jump_length,
+                         jump_n_sample=jump_n_sample)
+  return _to_pixels(task, params, x0)
