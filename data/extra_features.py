@@ -20,7 +20,11 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from data import edges
+
 CONTINUOUS_MAPS = ('depth', 'disparity')
+# Computed from the resized image when the dataset has no feature of that name: name -> doc.
+DERIVED = {'edges': 'Canny edges of the image (data.edges.canny(100, 200)), RxRx1 in {0, 1}'}
 _TEXT_HINT = 'a tokenizer-based task will add them'
 
 
@@ -28,7 +32,7 @@ _TEXT_HINT = 'a tokenizer-based task will add them'
 class Extra:
   """How one extra feature is emitted: kind, per-example shape and dtype.
 
-  kind: 'label_map', 'continuous_map' or 'tensor'.
+  kind: 'label_map', 'continuous_map', 'tensor' or 'edges' (derived from the image).
   """
 
   name: str
@@ -58,9 +62,11 @@ def _is_text(feature) -> bool:
 
 
 def _plan_one(features, name: str, image_shape, resolution: int, dataset: str) -> Extra:
+  if name not in features and name in DERIVED:
+    return Extra(name, name, (resolution, resolution, 1), np.dtype(np.float32))
   if name not in features:
     raise ValueError(f'data.features names {name!r}, which is not a feature of {dataset!r}; '
-                     f'features: {sorted(features)}.')
+                     f'features: {sorted(features)}; computed from any image: {sorted(DERIVED)}.')
   feature = features[name]
   if _is_text(feature):
     raise ValueError(f'data.features: {name!r} of {dataset!r} holds strings, which are not emitted '
@@ -109,8 +115,14 @@ def _bilinear(a_SxS: np.ndarray, resolution: int) -> np.ndarray:
   return np.stack(out, axis=-1).reshape(resolution, resolution, *a_SxS.shape[2:])
 
 
-def extract(example: dict, extra: Extra) -> np.ndarray:
-  """The feature of a decoded example as an array of `extra.shape` and `extra.dtype`."""
+def extract(example: dict, extra: Extra, image_RxRxC: np.ndarray | None = None) -> np.ndarray:
+  """The feature of a decoded example as an array of `extra.shape` and `extra.dtype`.
+
+  Derived features ('edges') are computed from `image_RxRxC`, the image as the pipeline
+  emits it (resized, values in [0, 255]).
+  """
+  if extra.kind == 'edges':
+    return (edges.canny(np.round(image_RxRxC))[..., None] / 255).astype(np.float32)
   value = np.asarray(example[extra.name])
   if extra.kind == 'tensor':
     return value.astype(extra.dtype)

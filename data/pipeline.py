@@ -292,7 +292,7 @@ def preprocess(example: dict[str, Any], *, image_key: str, label_key: str, resol
   if label_key:
     out['label'] = np.int32(example[label_key])
   for extra in extras:
-    out[extra.name] = extra_features.extract(example, extra)
+    out[extra.name] = extra_features.extract(example, extra, img_RxRxC)
   return out
 
 

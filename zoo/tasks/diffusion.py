@@ -103,9 +103,7 @@ class DiffusionTask:
     labels_B, _ = self._check_labels(labels_B, images.shape[0])
     if labels_B is not None and labels_B.shape[0] != images.shape[0]:
       raise ValueError(f'{labels_B.shape[0]} labels for {images.shape[0]} images')
-    if sampler is None:
-      sampler = self.cfg.sampler if self.cfg.sampler in diffusion.INPAINT_SAMPLERS else 'ddpm'
-    settings = sampler_settings(self.cfg, sampler, steps, guidance_scale, eta)
+    settings = inpaint_settings(self.cfg, sampler, steps, guidance_scale, eta)
     out = _inpaint(self, params, rng, jnp.asarray(images * 2.0 - 1.0), jnp.asarray(masks),
                    labels_B, mode=mode, jump_length=jump_length, jump_n_sample=jump_n_sample,
                    **settings)
@@ -186,6 +184,13 @@ def sampler_settings(cfg, sampler, steps, guidance_scale, eta):
   scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
   return dict(sampler=sampler, steps=steps, guidance_scale=float(scale),
               eta=cfg.eta if eta is None else eta)
+
+
+def inpaint_settings(cfg, sampler, steps, guidance_scale, eta):
+  """`sampler_settings` for inpainting: the DDPM chain unless the experiment samples by DDIM."""
+  if sampler is None:
+    sampler = cfg.sampler if cfg.sampler in diffusion.INPAINT_SAMPLERS else 'ddpm'
+  return sampler_settings(cfg, sampler, steps, guidance_scale, eta)
 
 
 @functools.partial(jax.jit, static_argnames=('task', 'num', 'sampler', 'steps', 'guidance_scale'))

@@ -258,9 +258,7 @@ class TextToImageTask:
     tokens = self._tokens(prompts, negative_prompts)
     if len(tokens[0]) != images.shape[0]:
       raise ValueError(f'{len(tokens[0])} prompts for {images.shape[0]} images')
-    if sampler is None:
-      sampler = self.cfg.sampler if self.cfg.sampler in diffusion.INPAINT_SAMPLERS else 'ddpm'
-    settings = diffusion_task.sampler_settings(self.cfg, sampler, steps, guidance_scale, eta)
+    settings = diffusion_task.inpaint_settings(self.cfg, sampler, steps, guidance_scale, eta)
     full = np.broadcast_to(masks, images.shape[:-1] + (1,))
     out = _inpaint(self, params, rng, jnp.asarray(images * 2.0 - 1.0), jnp.asarray(full), *tokens,
                    mode=mode, jump_length=jump_length, jump_n_sample=jump_n_sample, **settings)
