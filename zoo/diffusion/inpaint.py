@@ -83,21 +83,14 @@ def inpaint(model_fn, sched, x_known, mask, rng, *, mode='repaint', sampler='ddp
   ab = jnp.concatenate([sched.alphas_cumprod[ts], jnp.ones((1,), jnp.float32)])
   t_from = jnp.asarray(ts[idx_from])
   ab_from, ab_to = ab[idx_from], ab[idx_to]  # Index -1 picks the appended 1.
-  step_fn = samplers._ddpm_step if sampler == 'ddpm' else samplers._ddim_step
-  noisy = samplers._stochastic(sampler, eta)
   rng_init, rng_known, rng_up = jax.random.split(rng, 3)
   x_T = jax.random.normal(rng_init, x_known.shape, jnp.float32)
   t_B = jnp.zeros(x_known.shape[:1], jnp.int32)
 
   def down(x, i, t, ab_t, ab_prev):
-    pred = model_fn(x, t_B + t).astype(jnp.float32)
-    eps, x0 = objectives.to_eps_and_x0(prediction_type, sched, x, t_B + t, pred)
-    if clip_x0:
-      x0 = jnp.clip(x0, -1.0, 1.0)
-      eps = (x - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
-    z = (jax.random.normal(jax.random.fold_in(rng_init, i), x.shape, jnp.float32) if noisy
-         else jnp.zeros_like(x))
-    x_prev = step_fn(x, x0, eps, ab_t, ab_prev, eta, z)
+    x_prev = samplers.reverse_step(model_fn, sched, x, t_B + t, ab_t, ab_prev,
+                                   jax.random.fold_in(rng_init, i), sampler=sampler, eta=eta,
+                                   prediction_type=prediction_type, clip_x0=clip_x0)
     noise = jax.random.normal(jax.random.fold_in(rng_known, i), x.shape, jnp.float32)
     known = jnp.sqrt(ab_prev) * x_known + jnp.sqrt(1 - ab_prev) * noise
     return mask * x_prev + (1.0 - mask) * known

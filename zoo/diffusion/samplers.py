@@ -78,6 +78,29 @@ def _stochastic(sampler, eta):
   return sampler == 'ddpm' or not (isinstance(eta, (int, float)) and eta == 0)
 
 
+def reverse_step(model_fn, sched, x, t_B, ab_t, ab_prev, rng, *, sampler, eta, prediction_type,
+                 clip_x0, learned_variance=False):
+  """One DDPM or DDIM step x_t -> x_prev (ᾱ_prev = 1 lands on x0); noise from `rng`.
+
+  With `clip_x0` the predicted x0 is clipped to [-1, 1] and ε recomputed from it.
+  """
+  channels = x.shape[-1]
+  pred = model_fn(x, t_B).astype(jnp.float32)
+  v = None
+  if learned_variance and sampler == 'ddpm':
+    pred, v = pred[..., :channels], pred[..., channels:]
+  eps, x0 = objectives.to_eps_and_x0(prediction_type, sched, x, t_B, pred)
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = (x - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
+  z = (jax.random.normal(rng, x.shape, jnp.float32) if _stochastic(sampler, eta)
+       else jnp.zeros_like(x))
+  if v is not None:
+    return objectives.ddpm_learned_variance_step(x, x0, ab_t, ab_prev, v, z)
+  step_fn = _ddpm_step if sampler == 'ddpm' else _ddim_step
+  return step_fn(x, x0, eps, ab_t, ab_prev, eta, z)
+
+
 def sample(
   model_fn,
   sched,
@@ -129,29 +152,14 @@ def sample(
   prev_ts = np.append(ts[1:], -1)
   ab_S = sched.alphas_cumprod[ts]
   ab_prev_S = jnp.where(prev_ts >= 0, sched.alphas_cumprod[np.maximum(prev_ts, 0)], 1.0)
-  step_fn = _ddpm_step if sampler == 'ddpm' else _ddim_step
-  noisy = _stochastic(sampler, eta)
   x_T = jnp.asarray(x_T, jnp.float32)
   t_B = jnp.zeros((x_T.shape[0],), jnp.int32)
 
   def body(x, inputs):
     i, t, ab_t, ab_prev = inputs
-    pred = model_fn(x, t_B + t).astype(jnp.float32)
-    v = None
-    if learned_variance and sampler == 'ddpm':
-      pred, v = pred[..., :channels], pred[..., channels:]
-    eps, x0 = objectives.to_eps_and_x0(prediction_type, sched, x, t_B + t, pred)
-    if clip_x0:
-      x0 = jnp.clip(x0, -1.0, 1.0)
-      eps = (x - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
-    z = (
-      jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
-      if noisy
-      else jnp.zeros_like(x)
-    )
-    if v is not None:
-      return objectives.ddpm_learned_variance_step(x, x0, ab_t, ab_prev, v, z), None
-    return step_fn(x, x0, eps, ab_t, ab_prev, eta, z), None
+    return reverse_step(model_fn, sched, x, t_B + t, ab_t, ab_prev, jax.random.fold_in(rng, i),
+                        sampler=sampler, eta=eta, prediction_type=prediction_type,
+                        clip_x0=clip_x0, learned_variance=learned_variance), None
 
   inputs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), ab_S, ab_prev_S)
   x_0, _ = jax.lax.scan(body, x_T, inputs)
