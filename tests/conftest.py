@@ -95,3 +95,18 @@ def perturbed_hf_model(cls, config, seed=0):
     for p in model.parameters():
       p.add_(0.1 * torch.randn(p.shape, generator=gen))
   return model
+
+
+@pytest.fixture(scope='session')
+def shapes_diffusion_run(tmp_path_factory):
+  """(workdir, final state) of experiments/shapes_diffusion.py:smoke=True (20 steps, 1 device).
+
+  Shared: the engine test checks it, the ControlNet tests control it.
+  """
+  from zoo import config as zoo_config
+  from zoo import train
+  workdir = tmp_path_factory.mktemp('shapes_diffusion')
+  config = zoo_config.load(os.path.join(REPO, 'experiments', 'shapes_diffusion.py:smoke=True'),
+                           ['--config.evals.samples.per_label=1', '--config.mesh.data=1',
+                            '--config.train.progress_bar=false'])
+  return workdir, config, train.train_and_evaluate(config, str(workdir))

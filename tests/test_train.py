@@ -250,12 +250,30 @@ def test_bfloat16_compute_keeps_float32_params_and_writes_config_json(tmp_path):
 
 
 @pytest.mark.parametrize('model', ['unet', 'dit'])
-def test_shapes_experiment_trains_through_the_engine(tmp_path, model):
-  spec = os.path.join(REPO, 'experiments', f'shapes_diffusion.py:smoke=True,model={model}')
-  config = zoo_config.load(spec, ['--config.evals.samples.per_label=1', '--config.mesh.data=1'])
-  state = train.train_and_evaluate(config, str(tmp_path))
+def test_shapes_experiment_trains_through_the_engine(tmp_path, model, request):
+  if model == 'unet':  # The session's shared run (ControlNet tests build on it).
+    tmp_path, config, state = request.getfixturevalue('shapes_diffusion_run')
+  else:
+    spec = os.path.join(REPO, 'experiments', f'shapes_diffusion.py:smoke=True,model={model}')
+    config = zoo_config.load(spec, ['--config.evals.samples.per_label=1', '--config.mesh.data=1'])
+    state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state['step']) == config.train.steps
   rows = [r for r in metrics.read_jsonl(tmp_path / 'metrics.jsonl') if 'loss' in r]
   assert rows and all(np.isfinite(r['loss']) for r in rows)
   grid = np.asarray(PIL.Image.open(tmp_path / 'samples' / f'step_{config.train.steps:06d}.png'))
   assert grid.shape == (8 * 33 + 1, 1 * 33 + 1, 3)  # one RGB 32x32 sample per shape class
+
+
+def test_dit_controlnet_trains_over_a_dit_run(tmp_path):
+  base = tmp_path / 'base'
+  spec = os.path.join(REPO, 'experiments', 'shapes_diffusion.py:smoke=True,model=dit')
+  quiet = ['--config.evals={}', '--config.mesh.data=1', '--config.train.steps=2',
+           '--config.train.checkpoint_every=2']
+  train.train_and_evaluate(zoo_config.load(spec, quiet), str(base))
+  spec = os.path.join(REPO, 'experiments',
+                      f'control_pose_shapes.py:smoke=True,model=dit,base={base}')
+  state = train.train_and_evaluate(zoo_config.load(spec, quiet), str(tmp_path / 'pose'))
+  control = state['params']['controlnet']
+  assert {'pos_embed_input', 'controlnet_blocks_0', 'blocks_0'} <= set(control)
+  assert 'blocks_1' not in control  # depth 2 -> the first block is copied
+  assert np.abs(np.asarray(control['controlnet_blocks_0']['kernel'])).max() > 0

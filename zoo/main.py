@@ -3,6 +3,8 @@
   zoo train  --config experiments/NAME.py[:key=value,...] --workdir DIR [--config.a.b=V ...]
   zoo sample --workdir DIR --num N --out grid.png [--sampler S --steps K --guidance G --label L --seed K]
   zoo sample --workdir DIR --prompt "a red star." [--negative-prompt "..."] --num N --out grid.png
+  zoo sample --workdir DIR --control depth:HINT.png [--control seg:H.png@DIR2] [--control-scale S]
+  zoo sample --workdir DIR --mode inpaint --image IN.png --mask MASK.png  (--mode outpaint --pad P)
   zoo eval   --workdir DIR
   zoo latents --config experiments/NAME.py[:key=value,...] --out DIR [--split S ...]
   zoo index  --workdir DIR (--images IMGDIR | --dataset name[/config]:split) --out INDEX
@@ -43,10 +45,17 @@ def _parser():
   sample.add_argument('--image', default=None, help='inpaint/outpaint: the known image (PNG)')
   sample.add_argument('--mask', default=None, help='inpaint: white = generate, black = keep')
   sample.add_argument('--pad', type=int, default=0, help='outpaint: new pixels per side')
-  sample.add_argument('--method', choices=('repaint', 'blend'), default='repaint',
-                      help='inpaint/outpaint: RePaint resampling or plain blended diffusion')
+  sample.add_argument('--method', choices=('repaint', 'blend', 'model'), default=None,
+                      help='inpaint/outpaint: RePaint resampling (default) or blended diffusion '
+                           'for any run; an inpainting-trained run uses its mask input (model)')
   sample.add_argument('--jump-length', type=int, default=10, help='RePaint: steps per jump')
   sample.add_argument('--jump-n-sample', type=int, default=10, help='RePaint: visits per jump')
+  sample.add_argument('--control', action='append', default=None,
+                      help='ControlNet runs: KIND:HINT.png (depth, seg, pose, edges), or '
+                           'KIND:HINT.png@WORKDIR for another ControlNet run over the same base; '
+                           'repeat to combine controls')
+  sample.add_argument('--control-scale', type=float, action='append', default=None,
+                      help='conditioning scale: once for all controls or once per --control')
   evaluate = sub.add_parser('eval', help='run the experiment\'s evaluators on the latest checkpoint')
   evaluate.add_argument('--workdir', required=True)
   latents = sub.add_parser('latents', help="encode a latent-diffusion experiment's dataset "
@@ -94,6 +103,14 @@ def main(argv=None):
     if args.command == 'train':
       config = zoo_config.load(args.config, overrides)
       train.train_and_evaluate(config, args.workdir)
+    elif args.command == 'sample' and args.control:
+      if args.mode != 'sample' or args.prompt:
+        raise ValueError('--control samples a ControlNet run: no --mode, --prompt')
+      runs.control(args.workdir, args.out, [runs.parse_control(c) for c in args.control],
+                   scales=args.control_scale or (), num=args.num, labels=args.label,
+                   sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
+                   seed=args.seed, upscale=args.upscale)
+      print(args.out)
     elif args.command == 'sample' and args.mode != 'sample':
       if args.image is None:
         raise ValueError(f'--mode {args.mode} needs --image IN.png')

@@ -70,6 +70,8 @@ def sample(workdir, out, *, num=16, labels=None, sampler=None, steps=None,
   if 'sample' not in s.task.predict:
     raise ValueError(f'the {config.task.name!r} run in {workdir} does not generate images')
   conditioning = s.task.conditioning
+  if conditioning == 'control':
+    raise ValueError(f'{workdir} is a ControlNet run: pass --control {s.task.control}:HINT.png')
   if conditioning != 'text' and (prompts or negative_prompt is not None):
     raise ValueError(f'this model is not text-conditional ({conditioning}): --prompt and '
                      '--negative-prompt do not apply')
@@ -110,7 +112,7 @@ def read_png(path, channels, what):
 
 
 def inpaint(workdir, out, image, *, mask=None, pad=0, mode='inpaint', num=4, labels=None,
-            prompts=None, negative_prompt=None, method='repaint', sampler=None, steps=None,
+            prompts=None, negative_prompt=None, method=None, sampler=None, steps=None,
             guidance_scale=None, seed=0, use_ema=True, upscale=4, jump_length=10,
             jump_n_sample=10):
   """Inpaints `image` (a PNG) where `mask` (a PNG, white = generate) is set, or outpaints it
@@ -118,7 +120,9 @@ def inpaint(workdir, out, image, *, mask=None, pad=0, mode='inpaint', num=4, lab
 
   Writes one row to `out`: the known pixels (the rest mid-grey), then `num` results that keep
   them exactly. Class-conditional runs take one label per result (`labels` cycle), text runs
-  one prompt per result (`prompts` cycle).
+  one prompt per result (`prompts` cycle). `method`: 'repaint' (the default) or 'blend' for
+  plain diffusion runs; an inpainting-trained run (experiments/inpaint_shapes.py) uses its own
+  mask input ('model').
   """
   if mode not in ('inpaint', 'outpaint'):
     raise ValueError(f"mode={mode!r} must be 'inpaint' or 'outpaint'")
@@ -158,10 +162,79 @@ def inpaint(workdir, out, image, *, mask=None, pad=0, mode='inpaint', num=4, lab
   params = state['ema_params' if use_ema else 'params']
   results = s.task.predict['inpaint'](
       params, jax.random.PRNGKey(seed), np.repeat(known[None], num, 0), mask_HxWx1, label_ids,
-      **text, mode=method, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+      **text, **({} if method is None else {'mode': method}), sampler=sampler, steps=steps,
+      guidance_scale=guidance_scale,
       jump_length=jump_length, jump_n_sample=jump_n_sample)
   shown = np.where(mask_HxWx1 > 0, 0.5, known)[None]
   if jax.process_index() == 0:
     metrics.save_image_grid(np.concatenate([shown, results]), out, ncols=num + 1,
                             upscale=upscale)
   return results
+
+
+def parse_control(spec):
+  """'KIND:PATH.png' or 'KIND:PATH.png@WORKDIR' -> (kind, path, workdir or None)."""
+  kind, sep, rest = spec.partition(':')
+  if not sep or not kind or not rest:
+    raise ValueError(f'--control {spec!r} must be KIND:PATH.png[@WORKDIR], e.g. depth:depth.png')
+  path, _, workdir = rest.partition('@')
+  return kind, path, workdir or None
+
+
+def control(workdir, out, controls, *, scales=(), num=4, labels=None, sampler=None, steps=None,
+            guidance_scale=None, seed=0, use_ema=True, upscale=4):
+  """Samples a ControlNet run under control images; writes one row: the hints, then `num`
+  results.
+
+  `controls`: (kind, PNG path, workdir or None) each; None means `workdir`, whose own control
+  kind it must be; other kinds name their own ControlNet run over the same base, and every
+  control's residuals add up. `scales`: one conditioning scale for all, or one per control
+  (default: each run's `conditioning_scale`).
+  """
+  from data import conditions
+  if not controls:
+    raise ValueError('pass at least one --control KIND:PATH.png')
+  if len(scales) not in (0, 1, len(controls)):
+    raise ValueError(f'{len(scales)} --control-scale values for {len(controls)} controls: give '
+                     'one for all or one per control')
+  runs, hints = {}, []
+  for kind, path, where in controls:
+    where = where or workdir
+    if where not in runs:
+      runs[where] = load(where)
+    config, s, _ = runs[where]
+    if config.task.name != 'controlnet':
+      raise ValueError(f'{where} is a {config.task.name!r} run; --control needs ControlNet runs '
+                       '(experiments/control_shapes.py)')
+    conditions.get(kind)
+    if kind != s.task.control:
+      raise ValueError(f'--control {kind}:{path}: the run {where} was trained on '
+                       f'{s.task.control!r} hints; name the {kind!r} run as {kind}:{path}@WORKDIR')
+    hint = conditions.check(kind, read_png(path, conditions.get(kind).channels, '--control'),
+                            s.task.hint_shape[0])
+    hints.append(np.repeat(hint[None], num, 0))
+  key = 'ema_params' if use_ema else 'params'
+  scales = list(scales) * len(controls) if len(scales) == 1 else list(scales)
+  branches = []
+  for (_, _, where), hint, scale in zip(controls, hints, scales or [None] * len(controls)):
+    _, s, state = runs[where or workdir]
+    branches.append((s.task, state[key], hint,
+                     s.task.cfg.conditioning_scale if scale is None else scale))
+  (task, params, first_hints, first_scale), *others = branches
+  label_ids = None
+  if task.num_classes:
+    if not labels:
+      raise ValueError('this model is class-conditional: pass --label N (repeatable)')
+    label_ids = np.resize(np.asarray(labels, np.int32), num)
+  elif labels:
+    raise ValueError('this model is unconditional: --label does not apply')
+  images = task.predict['sample'](
+      params, jax.random.PRNGKey(seed), label_ids, hints=first_hints,
+      conditioning_scale=first_scale, others=tuple(others), sampler=sampler, steps=steps,
+      guidance_scale=guidance_scale)
+  images = np.asarray(sharding.host_gather(images))
+  shown = [conditions.to_uint8(h[0]) / 255.0 for h in hints]
+  if jax.process_index() == 0:
+    metrics.save_image_grid(np.concatenate([np.stack(shown), images]), out,
+                            ncols=len(shown) + num, upscale=upscale)
+  return images

@@ -158,8 +158,8 @@ def _first_state(s, ckpt, data, rng):
         os.path.join(source.workdir, 'checkpoints'), s.abstract_state['params'][key],
         use_ema=source.use_ema, subtree=source.subtree, ignore=source.ignore)}
     log.info('params[%r] from %s (%s)', key, source.workdir, source.subtree)
-  if hasattr(s.task, 'check_pretrained'):
-    s.task.check_pretrained(params)
+  if hasattr(s.task, 'after_pretrained'):
+    params = s.task.after_pretrained(params)
   if params is not state['params']:
     state = {**state, 'params': params, 'ema_params': jax.tree.map(jnp.copy, params)}
   return state

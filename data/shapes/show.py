@@ -8,7 +8,6 @@ generator (the same content a build stores), so nothing needs to be built first.
 """
 
 import argparse
-import colorsys
 import textwrap
 
 import numpy as np
@@ -16,6 +15,7 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+from data import conditions
 from data.shapes import generate
 from data.shapes import grammar
 from data.shapes import pose
@@ -24,21 +24,15 @@ _TEXT_WIDTH = 420
 _HEADERS = ('image', 'semantic', 'instance', 'depth', 'skeleton')
 
 
-def _categorical(n: int) -> np.ndarray:
-  """(n+1)x3 uint8: black for 0, then n well-spread hues."""
-  hues = [colorsys.hsv_to_rgb((0.61803 * k) % 1.0, 0.75, 0.95) for k in range(n)]
-  return np.concatenate([[[0, 0, 0]], np.round(np.array(hues) * 255)]).astype(np.uint8)
-
-
 def panels(example: dict) -> list[np.ndarray]:
   """The image and its maps as uint8 RxRx3 pictures."""
   depth = 255 - example['depth']
   return [
       example['image'],
-      _categorical(len(grammar.SEMANTIC_CLASSES))[example['semantic_mask']],
-      _categorical(grammar.PERSON_INSTANCE)[example['instance_mask']],
+      conditions.palette(len(grammar.SEMANTIC_CLASSES))[example['semantic_mask']],
+      conditions.palette(grammar.PERSON_INSTANCE)[example['instance_mask']],
       np.repeat(depth[..., None], 3, axis=-1),
-      _categorical(len(pose.LIMBS))[example['skeleton']],
+      conditions.palette(len(pose.LIMBS))[example['skeleton']],
   ]
 
 

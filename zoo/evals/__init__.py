@@ -1,13 +1,15 @@
 """The evaluator registry: `config.evals.<name>.type` -> an evaluator with `run(state, step)`."""
 
 from zoo import config as zoo_config
-from zoo.evals import (accuracy, adherence, fd, loss, reconstruction, retrieval, sample_grid,
-                       zero_shot)
+from zoo.evals import (accuracy, adherence, control, fd, inpaint, loss, reconstruction,
+                       retrieval, sample_grid, zero_shot)
 
 EVALUATORS = {
     'accuracy': accuracy.Accuracy,
     'adherence': adherence.Adherence,
+    'control': control.ControlAdherence,
     'fd_zoo': fd.FDZoo,
+    'inpaint': inpaint.InpaintQuality,
     'loss': loss.EvalLoss,
     'prompt_grid': sample_grid.PromptGrid,
     'reconstruction': reconstruction.Reconstruction,

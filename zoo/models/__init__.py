@@ -6,6 +6,7 @@ import typing
 
 from zoo import config as zoo_config
 from zoo.models import classifier
+from zoo.models import controlnet
 from zoo.models import dit
 from zoo.models import dual_encoder
 from zoo.models import text
@@ -26,6 +27,8 @@ MODELS = {
     'classifier': Entry(classifier.Classifier, classifier.check_config, classifier.preset),
     'unet': Entry(unet.UNet, unet.check_config, unet.preset),
     'dit': Entry(dit.DiT, dit.check_config, dit.preset),
+    'controlnet': Entry(controlnet.ControlNet, controlnet.check_config_unet, unet.preset),
+    'dit_controlnet': Entry(controlnet.DiTControlNet, controlnet.check_config_dit, dit.preset),
     'vae': Entry(vae.AutoencoderKL, vae.check_config, vae.preset),
     'text': Entry(text.TextTransformer, text.check_config, text.preset),
     'vit': Entry(vit.ViT, vit.check_config, vit.preset),

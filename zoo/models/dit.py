@@ -270,35 +270,58 @@ class DiT(nn.Module):
       return ctx_BxLxD, jnp.ones(ctx_BxLxD.shape[:2], bool)
     return ctx_BxLxD, jnp.asarray(context_mask_BxL).astype(bool)
 
+  def _tokens(self, x_BxHxWxC, dtype):
+    """Patch embeddings plus the fixed positions, BxNxD float32."""
+    x = nn.with_logical_constraint(x_BxHxWxC, IMAGE_AXES)
+    h = PatchEmbed(self.hidden_size, self.patch_size, dtype, name='x_embedder')(x)
+    pos_NxD = sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)
+    # The residual stream stays float32 under bf16 compute; only block inputs are cast.
+    return h.reshape(x.shape[0], -1, self.hidden_size).astype(jnp.float32) + pos_NxD[None]
+
+  def _block(self, i, dtype):
+    # remat recomputes each block's activations in the backward pass; params keep their paths.
+    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    return block_cls(self.num_heads, self.mlp_ratio, dtype, self.norm_eps, self.context_dim > 0,
+                     name=f'blocks_{i}')
+
   @nn.compact
   def __call__(self, x_BxHxWxC, t_B, *, labels_B=None, context_BxLxD=None,
-               context_mask_BxL=None, pooled_BxD=None, train=False):
+               context_mask_BxL=None, pooled_BxD=None, control=None, train=False):
     """Predicts a BxHxWxO float32 map (O = 2C with learn_sigma) from noisy latents and t_B.
 
     t_B may be a scalar or a length-B vector, integer or continuous. An input the config does
     not use, or one it needs but is not given, raises ValueError. `train` is accepted for the
-    task interface; DiT has no dropout.
+    task interface; DiT has no dropout. `control` (K BxNxD residuals of a DiT ControlNet,
+    zoo/models/controlnet.py) adds residual i // ceil(depth / K) after block i, as diffusers'
+    SD3 `block_controlnet_hidden_states`.
     """
     del train
     self._check_inputs(x_BxHxWxC, context_BxLxD, context_mask_BxL, pooled_BxD)
     dtype, batch, p = layers.to_dtype(self.dtype), x_BxHxWxC.shape[0], self.patch_size
-    x = nn.with_logical_constraint(x_BxHxWxC, IMAGE_AXES)
-    h = PatchEmbed(self.hidden_size, p, dtype, name='x_embedder')(x)
-    pos_NxD = sincos_pos_embed(self.hidden_size, self.input_size // p)
-    # The residual stream stays float32 under bf16 compute; only block inputs are cast.
-    h = h.reshape(batch, -1, self.hidden_size).astype(jnp.float32) + pos_NxD[None]
+    h = self._tokens(x_BxHxWxC, dtype)
     c_BxD = self._condition(t_B, labels_B, pooled_BxD, batch, dtype)
     ctx_BxLxD, mask_BxL = self._context(context_BxLxD, context_mask_BxL, dtype)
-    # remat recomputes each block's activations in the backward pass; params keep their paths.
-    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    interval = _check_control(control, h.shape, self.depth)
     for i in range(self.depth):
-      h = block_cls(self.num_heads, self.mlp_ratio, dtype, self.norm_eps, self.context_dim > 0,
-                    name=f'blocks_{i}')(h, c_BxD, ctx_BxLxD, mask_BxL)
+      h = self._block(i, dtype)(h, c_BxD, ctx_BxLxD, mask_BxL)
+      if control:
+        h = h + control[i // interval].astype(h.dtype)
       h = nn.with_logical_constraint(h, ACT_AXES)
     out = FinalLayer(p * p * self.out_channels, dtype, self.norm_eps, name='final_layer')(
         h, c_BxD)
     out = self._unpatchify(out.astype(jnp.float32))
     return nn.with_logical_constraint(out, IMAGE_AXES)
+
+
+def _check_control(control, tokens_shape, depth):
+  """Blocks per control residual (SD3's ceil(depth / K)); ValueError for residuals that misfit."""
+  if not control:
+    return 1
+  shapes = {tuple(r.shape) for r in control}
+  if shapes != {tuple(tokens_shape)} or len(control) > depth:
+    raise ValueError(f'{len(control)} control residuals of shapes {sorted(shapes)} do not fit this '
+                     f'DiT: it takes at most depth={depth} of shape {tuple(tokens_shape)}')
+  return -(-depth // len(control))
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(DiT) if f.name not in ('parent', 'name'))

@@ -166,21 +166,17 @@ class UNet(nn.Module):
                        f'{tuple(context_mask_BxL.shape)} with context '
                        f'{None if context_BxLxD is None else context_BxLxD.shape}')
 
-  @nn.compact
-  def __call__(self, x_BxHxWxC, t_B, *, labels_B=None, context_BxLxD=None,
-               context_mask_BxL=None, pooled_BxD=None, train=False):
-    """Predicts a BxHxWx`out_channels` float32 map from a noisy input and timesteps t_B.
+  def _encoder(self, x_BxHxWxC, temb, ctx, train, hint=None):
+    """conv_in (plus a ControlNet's embedded hint), the down blocks and the mid block.
 
-    t_B may be a scalar or a length-B vector, integer or continuous. Dropout draws from the
-    'dropout' rng only when `train` is True.
+    Returns (mid-block output, skips): the skips are what the up blocks concatenate, in order.
     """
-    self._check_inputs(x_BxHxWxC, context_BxLxD, context_mask_BxL, pooled_BxD)
-    ctx = (context_BxLxD, context_mask_BxL)
     s, levels = self._settings(), len(self.block_out_channels)
-    temb = self._embed(t_B, labels_B, x_BxHxWxC.shape[0])
     h = nn.with_logical_constraint(x_BxHxWxC, IMAGE_AXES)
     h = layers.conv(self.block_out_channels[0], 3, dtype=s.dtype,
                     axes=(None, None, None, 'conv_out'), name='conv_in')(h)
+    if hint is not None:
+      h = h + hint.astype(h.dtype)
     skips = [h]
     for i, (kind, ch) in enumerate(zip(self.down_block_types, self.block_out_channels)):
       h, new_skips = blocks.DownBlock(ch, self.layers_per_block, kind == 'AttnDownBlock2D',
@@ -191,6 +187,25 @@ class UNet(nn.Module):
     mid_cross = self.mid_block_type == 'UNetMidBlock2DCrossAttn'
     h = blocks.MidBlock(self.block_out_channels[-1], self.mid_block_attention and not mid_cross, s,
                  mid_cross, name='mid_block')(h, temb, ctx[0], train, ctx[1])
+    return h, skips
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, t_B, *, labels_B=None, context_BxLxD=None,
+               context_mask_BxL=None, pooled_BxD=None, control=None, train=False):
+    """Predicts a BxHxWx`out_channels` float32 map from a noisy input and timesteps t_B.
+
+    t_B may be a scalar or a length-B vector, integer or continuous. Dropout draws from the
+    'dropout' rng only when `train` is True. `control` (a `Residuals` of one or more
+    ControlNets, zoo/models/controlnet.py) is added to the skips and to the mid-block output,
+    as diffusers' `down_block_additional_residuals` / `mid_block_additional_residual`.
+    """
+    self._check_inputs(x_BxHxWxC, context_BxLxD, context_mask_BxL, pooled_BxD)
+    ctx = (context_BxLxD, context_mask_BxL)
+    s, levels = self._settings(), len(self.block_out_channels)
+    temb = self._embed(t_B, labels_B, x_BxHxWxC.shape[0])
+    h, skips = self._encoder(x_BxHxWxC, temb, ctx, train)
+    if control is not None:
+      skips, h = _add_control(skips, h, control)
     for i, (kind, ch) in enumerate(zip(self.up_block_types, self.block_out_channels[::-1])):
       h = blocks.UpBlock(ch, self.layers_per_block + 1, kind == 'AttnUpBlock2D', i < levels - 1, s,
                   kind == 'CrossAttnUpBlock2D', name=f'up_blocks_{i}')(
@@ -201,6 +216,17 @@ class UNet(nn.Module):
     out = layers.conv(self.out_channels, 3, dtype=s.dtype, axes=(None, None, 'conv_in', None),
                       name='conv_out')(h)
     return nn.with_logical_constraint(out.astype(jnp.float32), IMAGE_AXES)
+
+
+def _add_control(skips, h, control):
+  """(skips + control.down, h + control.mid), shapes checked."""
+  down, mid = control
+  got = [tuple(r.shape) for r in down]
+  want = [tuple(r.shape) for r in skips]
+  if got != want or tuple(mid.shape) != tuple(h.shape):
+    raise ValueError(f'control residuals {got} + mid {tuple(mid.shape)} do not fit this UNet: it '
+                     f'has skips {want} and mid {tuple(h.shape)} (a ControlNet of another base?)')
+  return [s + r.astype(s.dtype) for s, r in zip(skips, down)], h + mid.astype(h.dtype)
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(UNet) if f.name not in ('parent', 'name'))

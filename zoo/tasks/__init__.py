@@ -2,14 +2,18 @@
 
 from zoo.tasks import classification
 from zoo.tasks import contrastive
+from zoo.tasks import controlnet
 from zoo.tasks import diffusion
+from zoo.tasks import inpaint
 from zoo.tasks import text_to_image
 from zoo.tasks import vae
 
 TASKS = {
     'classification': classification.ClassificationTask,
     'contrastive': contrastive.ContrastiveTask,
+    'controlnet': controlnet.ControlNetTask,
     'diffusion': diffusion.DiffusionTask,
+    'inpaint': inpaint.InpaintTask,
     'text_to_image': text_to_image.TextToImageTask,
     'vae': vae.VAETask,
 }

@@ -5,6 +5,7 @@ probability `label_dropout`, so one network gives both terms of classifier-free 
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,9 @@ from zoo import diffusion
 from zoo import models
 
 DENOISERS = ('unet', 'dit')  # Models with the (x_t, t, labels=, context=) denoiser signature.
+# Base task keys that must agree: the schedule the base was trained on is the one it denoises.
+_SHARED_TASK_KEYS = ('schedule', 'num_timesteps', 'prediction_type')
+_COMPUTE_FIELDS = ('remat', 'dtype')
 SCHEMA = {
     'name': str, 'schedule': str, 'num_timesteps': int, 'prediction_type': str,
     'label_dropout': float, 'sampler': str, 'sample_steps': int, 'eta': float,
@@ -152,6 +156,33 @@ def denoising_loss(task, pred, x0, x_t, noise, t):
                        snr_gamma=task.cfg.snr_gamma).mean()
   vlb = diffusion.vlb_loss(task.schedule, x0, x_t, t, eps, v).mean()
   return mse + vlb, {'loss': mse + vlb, 'mse': mse, 'vlb': vlb}
+
+
+def base_run_config(workdir):
+  """The config of the diffusion run `workdir` that a task builds on (its config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config.task.base_from={workdir!r} is not a zoo run (no {path}); '
+                            'train the base first (experiments/shapes_diffusion.py)')
+  with open(path) as f:
+    return zoo_config.from_json(f.read())
+
+
+def check_base_run(config, base, model_name, ours):
+  """ValueError unless `base` (a run's config) is a diffusion run of a `model_name` whose fields
+  equal `ours` (compute-only fields aside) and whose schedule is this config's."""
+  where = f'config.task.base_from={config.task.base_from!r}'
+  if base.task.name != 'diffusion':
+    raise ValueError(f'{where} is a {base.task.name!r} run; this task builds on a diffusion run')
+  if base.model.name != model_name:
+    raise ValueError(f'{where} trained a {base.model.name!r}; config.model.name='
+                     f'{config.model.name!r} builds on a {model_name!r}')
+  theirs = models.fields(model_name) | models.kwargs(base.model)
+  differ = [k for k in ours if k not in _COMPUTE_FIELDS and ours[k] != theirs.get(k)]
+  differ += [f'task.{k}' for k in _SHARED_TASK_KEYS if config.task[k] != base.task[k]]
+  if differ:
+    raise ValueError(f'config differs from the base run {where} in {differ}: this model is '
+                     "initialised from the base's weights and denoises on its schedule")
 
 
 def check_learned_sigma(config):

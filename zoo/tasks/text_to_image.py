@@ -167,11 +167,12 @@ class TextToImageTask:
                                          **cond)['params']
     return params
 
-  def check_pretrained(self, params):
+  def after_pretrained(self, params):
     """Called once the pretrained parts are loaded: pre-computed latents must be this VAE's."""
     if self.latents is not None:
       record, data_dir = self.latents
       latents.check_vae_params(record, params['vae'], data_dir)
+    return params
 
   def _latents(self, vae_params, batch, rng):
     if self.cfg.latent_key:
