@@ -229,6 +229,19 @@ def from_json(text):
   return ConfigDict(fix(json.loads(text)))
 
 
+def run_config(workdir, key, hint):
+  """The config a finished run `workdir` saved (its config.json), for a task that builds on it.
+
+  `key` names the setting that pointed here and `hint` says how to make such a run, for the
+  FileNotFoundError when `workdir` is not a run.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{key}={workdir!r} is not a zoo run (no {path}); {hint}')
+  with open(path) as f:
+    return from_json(f.read())
+
+
 def _as_tuple(x):
   return x if isinstance(x, tuple) else (x,)
 

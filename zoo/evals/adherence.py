@@ -50,13 +50,11 @@ def judge_prompts(images_uint8_NxHxWx3, examples):
 class Adherence:
   """Generates from the split's labels or captions and scores the images from their pixels."""
 
-  SCHEMA = {'type': str, **generation.SAMPLING_SCHEMA, 'grid': int, 'upscale': int}
+  SCHEMA = generation.GRID_SCHEMA
 
   @staticmethod
   def check(cfg, config, where):
-    generation.check_sampling(cfg, where)
-    if cfg.grid < 0 or cfg.upscale < 1:
-      raise ValueError(f'{where}: grid must be >= 0 (0 = no PNG) and upscale >= 1')
+    generation.check_grid_sampling(cfg, where)
     if config.data.name != 'shapes' and not latents.is_latents(config.data):
       raise ValueError(f'{where}.type=adherence needs config.data.name=shapes (or latents '
                        f'encoded from it), not {config.data.name!r}')

@@ -57,13 +57,11 @@ def judge(images_NxRxRx3, examples):
 class ControlAdherence:
   """Samples under held-out hints with and without control; scores both (see module doc)."""
 
-  SCHEMA = {'type': str, **generation.SAMPLING_SCHEMA, 'grid': int, 'upscale': int}
+  SCHEMA = generation.GRID_SCHEMA
 
   @staticmethod
   def check(cfg, config, where):
-    generation.check_sampling(cfg, where)
-    if cfg.grid < 0 or cfg.upscale < 1:
-      raise ValueError(f'{where}: grid must be >= 0 (0 = no PNG) and upscale >= 1')
+    generation.check_grid_sampling(cfg, where)
     if config.task.name != 'controlnet':
       raise ValueError(f'{where}.type=control needs config.task.name=controlnet, not '
                        f'{config.task.name!r}')

@@ -34,6 +34,17 @@ SAMPLING_SCHEMA = {'split': str, 'num_samples': int, 'batch_size': int, 'sampler
 _REAL_SETS = {}  # Real examples are read and decoded once per process, per (data, split, n).
 
 
+# Keys of the evaluators that also write a PNG grid (`grid` images, 0 = none, `upscale`d).
+GRID_SCHEMA = {'type': str, **SAMPLING_SCHEMA, 'grid': int, 'upscale': int}
+
+
+def check_grid_sampling(cfg, where):
+  """`check_sampling` plus the grid keys of GRID_SCHEMA."""
+  check_sampling(cfg, where)
+  if cfg.grid < 0 or cfg.upscale < 1:
+    raise ValueError(f'{where}: grid must be >= 0 (0 = no PNG) and upscale >= 1')
+
+
 def check_sampling(cfg, where):
   """Validates the SAMPLING_SCHEMA values of an evaluator config."""
   if not cfg.split:

@@ -48,14 +48,11 @@ def border_mask(resolution, pad):
 class InpaintQuality:
   """Inpaints each example's largest object and outpaints its border; scores both."""
 
-  SCHEMA = {'type': str, **generation.SAMPLING_SCHEMA, 'method': str, 'pad': int, 'grid': int,
-            'upscale': int}
+  SCHEMA = generation.GRID_SCHEMA | {'method': str, 'pad': int}
 
   @staticmethod
   def check(cfg, config, where):
-    generation.check_sampling(cfg, where)
-    if cfg.grid < 0 or cfg.upscale < 1:
-      raise ValueError(f'{where}: grid must be >= 0 (0 = no PNG) and upscale >= 1')
+    generation.check_grid_sampling(cfg, where)
     if not 0 < cfg.pad < config.data.resolution // 2:
       raise ValueError(f'{where}.pad={cfg.pad} must lie in [1, {config.data.resolution // 2 - 1}]')
     if config.data.name != 'shapes' or not config.data.label_key:

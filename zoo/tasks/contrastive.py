@@ -248,12 +248,8 @@ def _check_loss(config):
 
 def _source_tower(workdir):
   """(model name, ViT fields) of the image tower a run trained, from its config.json."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config.task.image_from={workdir!r} is not a zoo run (no {path}); '
-                            'train the image tower first (see experiments/lit_shapes.py)')
-  with open(path) as f:
-    model = zoo_config.from_json(f.read()).model
+  model = zoo_config.run_config(workdir, 'config.task.image_from', 'train the image tower '
+                                'first (see experiments/lit_shapes.py)').model
   if model.name == 'dual_encoder':
     return model.name, models.fields('vit') | dict(model.image)
   if model.name == 'vit':

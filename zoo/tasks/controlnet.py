@@ -47,10 +47,7 @@ class ControlNetTask(diffusion_task.DiffusionTask):
   @staticmethod
   def check_config(config):
     task = config.task
-    zoo_config.check_keys(task, 'task', SCHEMA)
-    diffusion_task.check_sampling(task)
-    zoo_config.check_choice(config.model.get('name', None), tuple(BASES), 'config.model.name')
-    models.check_config(config.model, config.data.resolution)
+    diffusion_task.check_denoiser_task(config, SCHEMA, BASES)
     control = conditions.get(task.control)
     if control.feature not in tuple(config.data.features):
       raise ValueError(f'config.task.control={task.control!r} is computed from the data feature '

@@ -5,7 +5,6 @@ probability `label_dropout`, so one network gives both terms of classifier-free 
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +31,9 @@ class DiffusionTask:
   @staticmethod
   def check_config(config):
     task = config.task
-    zoo_config.check_keys(task, 'task', SCHEMA)
-    check_sampling(task)
+    check_denoiser_task(config, SCHEMA, DENOISERS)
     if not 0.0 <= task.label_dropout < 1.0:
       raise ValueError(f'config.task.label_dropout={task.label_dropout} must lie in [0, 1)')
-    zoo_config.check_choice(config.model.get('name', None), DENOISERS, 'config.model.name')
-    models.check_config(config.model, config.data.resolution)
     check_learned_sigma(config)
     if config.model.num_classes and not config.data.label_key:
       raise ValueError('config.model.num_classes > 0 needs labels: set config.data.label_key')
@@ -160,12 +156,8 @@ def denoising_loss(task, pred, x0, x_t, noise, t):
 
 def base_run_config(workdir):
   """The config of the diffusion run `workdir` that a task builds on (its config.json)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config.task.base_from={workdir!r} is not a zoo run (no {path}); '
-                            'train the base first (experiments/shapes_diffusion.py)')
-  with open(path) as f:
-    return zoo_config.from_json(f.read())
+  return zoo_config.run_config(workdir, 'config.task.base_from',
+                               'train the base first (experiments/shapes_diffusion.py)')
 
 
 def check_base_run(config, base, model_name, ours):
@@ -183,6 +175,15 @@ def check_base_run(config, base, model_name, ours):
   if differ:
     raise ValueError(f'config differs from the base run {where} in {differ}: this model is '
                      "initialised from the base's weights and denoises on its schedule")
+
+
+def check_denoiser_task(config, schema, model_names):
+  """The checks every denoising task starts with: its keys, sampler settings, model name and
+  the model's config (at the data resolution)."""
+  zoo_config.check_keys(config.task, 'task', schema)
+  check_sampling(config.task)
+  zoo_config.check_choice(config.model.get('name', None), tuple(model_names), 'config.model.name')
+  models.check_config(config.model, config.data.resolution)
 
 
 def check_learned_sigma(config):

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo import checkpoint
-from zoo import config as zoo_config
 from zoo import diffusion
 from zoo import models
 from zoo.tasks import diffusion as diffusion_task
@@ -63,10 +62,7 @@ class InpaintTask(diffusion_task.DiffusionTask):
   @staticmethod
   def check_config(config):
     task = config.task
-    zoo_config.check_keys(task, 'task', SCHEMA)
-    diffusion_task.check_sampling(task)
-    zoo_config.check_choice(config.model.get('name', None), tuple(FIRST_CONV), 'config.model.name')
-    models.check_config(config.model, config.data.resolution)
+    diffusion_task.check_denoiser_task(config, SCHEMA, FIRST_CONV)
     kw = models.fields(config.model.name) | models.kwargs(config.model)
     if kw['in_channels'] != 2 * kw['out_channels'] + 1:
       raise ValueError(f'config.model.in_channels={kw["in_channels"]} must be 2C + 1 = '
