@@ -52,7 +52,8 @@ def test_training_keeps_the_base_and_moves_the_copy(control_runs):
   started = base_state['ema_params']['down_blocks_0']['resnets_0']['conv1']['kernel']
   assert 0 < np.abs(np.asarray(copied) - np.asarray(started)).max() < 0.1
   rows = [r for r in metrics.read_jsonl(seg / 'metrics.jsonl') if 'control/overall' in r]
-  assert rows and {'control/mean_iou', 'control/mean_iou_base'} <= set(rows[-1])
+  assert rows and {'control/mean_iou', 'control/mean_iou_base', 'control/silhouette_iou',
+                   'control/silhouette_iou_base'} <= set(rows[-1])
   assert (seg / 'control' / 'step_000006.png').exists()
 
 
@@ -118,6 +119,19 @@ def test_config_and_hint_errors(control_runs, tmp_path):
                              hints=np.zeros((1, 16, 16, 3), np.float32))
   with pytest.raises(ValueError, match='pass hints'):
     s.task.predict['sample'](state['params'], jax.random.key(0), np.array([1]))
+
+
+def test_silhouette_iou_is_one_on_the_real_render_and_low_on_grey(control_runs):
+  from zoo.evals import control as control_eval
+  _, seg = control_runs
+  config = zoo_config.from_json((seg / 'config.json').read_text())
+  source = data_pipeline.get_builder(config.data).as_data_source('validation')
+  examples = [source[i] for i in range(6)]
+  examples = [ex for ex in examples if (np.asarray(ex['semantic_mask']) > 0).any()]
+  for ex in examples:
+    assert control_eval.silhouette_iou(np.asarray(ex['image']), ex) > 0.9
+    grey = np.full_like(np.asarray(ex['image']), 128)
+    assert control_eval.silhouette_iou(grey, ex) == 0.0
 
 
 def test_stored_config_names_the_base(control_runs):

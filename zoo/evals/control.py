@@ -12,6 +12,9 @@ Both are judged by `data.shapes.score.score` against the example's scene, from p
   keypoints      per visible joint, the person's colour covers it
   keypoint_px    mean distance (pixels) from a joint to the nearest person-coloured pixel
   overall        all the scorer's checks
+  silhouette_iou IoU between the scene's object pixels (its semantic mask's shape classes) and
+                 the image's object-coloured pixels, whatever their colour: what a seg or depth
+                 hint pins down when only the label, not each object's colour, is given
 
 Metrics are `<name>` for the controlled samples and `<name>_base` without control. A PNG grid
 (rows: hint | controlled | base | real) goes to workdir/control/step_N.png.
@@ -25,6 +28,9 @@ import numpy as np
 from data import conditions
 from data import extra_features
 from data import pipeline as data_pipeline
+from data.shapes import generate
+from data.shapes import grammar
+from data.shapes import render
 from data.shapes import score
 from zoo import metrics
 from zoo import sharding
@@ -44,11 +50,23 @@ def hints_of(examples, control, data_cfg, builder_features):
   return np.asarray(conditions.hint(control, np.stack(values)))
 
 
+def silhouette_iou(image_RxRx3, example):
+  """IoU of the scene's shape-object pixels and the image's palette-coloured pixels."""
+  r = image_RxRx3.shape[0]
+  semantic = render.render(generate.scene_from_example(example), r).semantic
+  objects = (semantic >= 1) & (semantic <= len(grammar.SHAPES))
+  coloured = score.classify(image_RxRx3) >= 0
+  union = (objects | coloured).sum()
+  return float((objects & coloured).sum() / union) if union else 1.0
+
+
 def judge(images_NxRxRx3, examples):
   """The scorer's pooled metrics of images against their examples' scenes."""
-  pooled = score.aggregate([score.score(img, ex) for img, ex in
-                            zip(generation.to_uint8(images_NxRxRx3), examples)])
+  pixels = generation.to_uint8(images_NxRxRx3)
+  pooled = score.aggregate([score.score(img, ex) for img, ex in zip(pixels, examples)])
   out = {k: pooled[k] for k in _METRICS if pooled[k] is not None}
+  out['silhouette_iou'] = float(np.mean([silhouette_iou(img, ex)
+                                         for img, ex in zip(pixels, examples)]))
   if pooled['keypoint_error'] is not None:
     out['keypoint_px'] = pooled['keypoint_error'] * images_NxRxRx3.shape[1]
   return out
