@@ -68,11 +68,12 @@ class ControlNetTask(diffusion_task.DiffusionTask):
     base = diffusion_task.base_run_config(config.task.base_from)
     _check_base(config, base)
     kwargs = models.kwargs(config.model)
-    self.base = models.build(zoo_config.ConfigDict(
-        {'name': BASES[name], **controlnet.base_fields(kwargs, name)}))
-    super().__init__(zoo_config.ConfigDict(dict(
-        model=zoo_config.ConfigDict({'name': BASES[name], **controlnet.base_fields(kwargs, name)}),
-        task=config.task, data=config.data)))
+    base_model = zoo_config.ConfigDict(
+        {'name': BASES[name], **controlnet.base_fields(kwargs, name)})
+    # The diffusion task's setup for the base (schedule, shapes, labels) builds its denoiser.
+    super().__init__(zoo_config.ConfigDict(dict(model=base_model, task=config.task,
+                                                data=config.data)))
+    self.base = self.model
     self.model = models.build(config.model)  # The ControlNet; self.base is the denoiser.
     self.control = config.task.control
     self.feature = conditions.get(self.control).feature
