@@ -62,8 +62,9 @@ def test_override_types_and_values():
     (['--config.train.steps=1.5'], r"'train.steps' takes a int"),
     (['--config.model.name=vit9'], r"config.model.name='vit9' is not one of \['unet', 'dit'\]"),
     (['--config.task.name=gan'],
-     r"config.task.name='gan' is not one of \['classification', 'contrastive', 'controlnet', "
-     r"'diffusion', 'inpaint', 'text_to_image', 'vae'\]"),
+     r"config.task.name='gan' is not one of \['classification', 'consistency_distillation', "
+     r"'contrastive', 'controlnet', 'diffusion', 'inpaint', 'progressive_distillation', "
+     r"'text_to_image', 'vae'\]"),
     (['--config.task.sampler=plms'],
      r"config.task.sampler='plms' is not one of \['ddpm', 'ddim', 'dpmpp_2m', 'euler', 'heun'\]"),
     (['--config.task.schedule=sqrt'], r"config.task.schedule='sqrt' is not one of"),

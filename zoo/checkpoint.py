@@ -71,6 +71,34 @@ class Checkpointer:
     self._manager.close()
 
 
+WEIGHTS = ('step', 'params', 'ema_params')
+
+
+def load_weights(directory, abstract_state, step=None):
+  """{step, params, ema_params} of the checkpoint at `step` (default latest), for inference.
+
+  The optimizer state is not read, so a run whose optimizer chain has changed since it was
+  saved (another zoo version, another optax) still samples and evaluates; the weights are
+  checked against the model as in `Checkpointer.restore`.
+  """
+  directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no finished checkpoint in {directory!r}')
+  stored = manager.item_metadata(step).state
+  item = {k: abstract_state[k] for k in WEIGHTS}
+  for key in ('params', 'ema_params'):
+    check_compatible(stored[key], item[key], f'{directory}/{step}/{key}')
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  manager.close()
+  return restored.state
+
+
 def load_params(directory, abstract_params, *, use_ema=False, subtree='', ignore=()):
   """Params (or EMA params) of the latest checkpoint of another run, for `config.init_from`.
 

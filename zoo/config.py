@@ -235,9 +235,18 @@ def run_config(workdir, key, hint):
   `key` names the setting that pointed here and `hint` says how to make such a run, for the
   FileNotFoundError when `workdir` is not a run.
   """
+  config = existing_run_config(workdir)
+  if config is None:
+    raise FileNotFoundError(f'{key}={workdir!r} is not a zoo run (no '
+                            f'{os.path.join(workdir, "config.json")}); {hint}')
+  return config
+
+
+def existing_run_config(workdir):
+  """The config.json of the run `workdir`, or None where there is no run (yet)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{key}={workdir!r} is not a zoo run (no {path}); {hint}')
+    return None
   with open(path) as f:
     return from_json(f.read())
 

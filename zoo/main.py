@@ -5,6 +5,7 @@
   zoo sample --workdir DIR --prompt "a red star." [--negative-prompt "..."] --num N --out grid.png
   zoo sample --workdir DIR --control depth:HINT.png [--control seg:H.png@DIR2] [--control-scale S]
   zoo sample --workdir DIR --mode inpaint --image IN.png --mask MASK.png  (--mode outpaint --pad P)
+  zoo generate --workdir DIR (--prompts FILE | --from-dataset shapes:test) --num N --out OUTDIR
   zoo eval   --workdir DIR
   zoo latents --config experiments/NAME.py[:key=value,...] --out DIR [--split S ...]
   zoo index  --workdir DIR (--images IMGDIR | --dataset name[/config]:split) --out INDEX
@@ -56,6 +57,32 @@ def _parser():
                            'repeat to combine controls')
   sample.add_argument('--control-scale', type=float, action='append', default=None,
                       help='conditioning scale: once for all controls or once per --control')
+  gen = sub.add_parser('generate', help='pre-generate N images into a resumable dataset directory '
+                       '(PNG shards, manifest.jsonl, a TFDS copy)')
+  gen.add_argument('--workdir', required=True)
+  gen.add_argument('--out', required=True, help='the dataset directory (rerun to resume)')
+  gen.add_argument('--num', type=int, required=True, help='how many images')
+  gen.add_argument('--prompts', default=None, help='text runs: a file with one prompt per line')
+  gen.add_argument('--from-dataset', default=None,
+                   help='name[/config]:split whose labels (class runs) or first captions (text '
+                        'runs) condition image i (record i mod size); class runs default to '
+                        'class i mod K')
+  gen.add_argument('--per-device-batch', type=int, default=8,
+                   help='images per device and step (the batch is this times the devices)')
+  gen.add_argument('--seed', type=int, default=0, help='image i draws from fold_in(seed, i)')
+  gen.add_argument('--sampler', default=None, help="default: the experiment's")
+  gen.add_argument('--steps', type=int, default=None)
+  gen.add_argument('--guidance', type=float, default=None)
+  gen.add_argument('--devices', type=int, default=None,
+                   help="use this process's first N devices (default: all)")
+  gen.add_argument('--shard-size', type=int, default=1000, help='images per shard directory')
+  gen.add_argument('--queue-size', type=int, default=2, help='batches the device may run ahead')
+  gen.add_argument('--sync', action='store_true',
+                   help='no host thread: sample, then write, one batch after another')
+  gen.add_argument('--compile-cache', default=None,
+                   help="JAX's persistent compilation cache (default ~/.cache/zoo/"
+                        "jax_compilation_cache; '' turns it off)")
+  gen.add_argument('--no-tfds', action='store_true', help='skip writing OUT/tfds at the end')
   evaluate = sub.add_parser('eval', help='run the experiment\'s evaluators on the latest checkpoint')
   evaluate.add_argument('--workdir', required=True)
   latents = sub.add_parser('latents', help="encode a latent-diffusion experiment's dataset "
@@ -129,6 +156,17 @@ def main(argv=None):
                   upscale=args.upscale, prompts=args.prompt,
                   negative_prompt=args.negative_prompt)
       print(args.out)
+    elif args.command == 'generate':
+      from zoo.pipelines import generate
+      prompts = generate.read_prompts(args.prompts) if args.prompts else None
+      summary = generate.generate(
+          args.workdir, args.out, num=args.num, prompts=prompts, dataset=args.from_dataset,
+          per_device_batch=args.per_device_batch, seed=args.seed, sampler=args.sampler,
+          steps=args.steps,
+          guidance_scale=args.guidance, shard_size=args.shard_size, queue_size=args.queue_size,
+          pipelined=not args.sync, compile_cache=args.compile_cache, devices=args.devices,
+          write_tfds=not args.no_tfds)
+      print(json.dumps(summary, indent=2))
     elif args.command == 'latents':
       from zoo import latents
       builder = latents.precompute(zoo_config.load(args.config, overrides), args.out,

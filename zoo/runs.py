@@ -16,10 +16,11 @@ from zoo import train
 
 
 def load(workdir, step=None):
-  """(config, setup, state) of the checkpoint at `step` (default latest) in `workdir`.
+  """(config, setup, weights) of the checkpoint at `step` (default latest) in `workdir`.
 
-  The state is laid out over this machine's devices (all on the data axis), whatever mesh
-  the run trained on.
+  The weights are the state's {step, params, ema_params} (no optimizer state: see
+  `checkpoint.load_weights`), laid out over this machine's devices (all on the data axis),
+  whatever mesh the run trained on.
   """
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
@@ -30,15 +31,13 @@ def load(workdir, step=None):
   if config.get('distributed', None) is not None:
     config.distributed.coordinator_address = ''
   zoo_config.validate(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints')
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoint in {directory}')
   spec = data_lib.get_dataset(config.data, split=config.data.train_split, seed=0,
                               global_batch_size=config.train.batch_size).spec()
   s = train.setup(config, spec)
-  state, _ = ckpt.restore(s.abstract_state, step)
-  ckpt.close()
-  return config, s, state
+  return config, s, checkpoint.load_weights(directory, s.abstract_state, step)
 
 
 def evaluate(workdir, step=None):

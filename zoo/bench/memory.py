@@ -22,7 +22,6 @@ off/on; DiT-XL/2 (32x32x4 latents, 1000 classes, bf16) with remat off/on.
 
 import argparse
 import dataclasses
-import json
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zoo import bench
 from zoo import models
 from zoo.diffusion import objectives
 from zoo.diffusion import schedules
@@ -206,9 +206,7 @@ def main(argv=None):
   report = run(cases, options)
   report['compiler_options'] = options or {}
   print(table(report))
-  with open(args.out, 'w') as f:
-    json.dump(report, f, indent=2)
-  print(f'wrote {args.out}')
+  bench.write_report(report, args.out)
 
 
 if __name__ == '__main__':

@@ -24,7 +24,10 @@ from zoo.diffusion.samplers import (
   SAMPLERS,
   TIMESTEP_SPACINGS,
   classifier_free_guidance,
+  fold_in_keys,
+  normal,
   sample,
+  split_keys,
   timesteps_for,
 )
 from zoo.diffusion.schedules import SCHEDULES, Schedule, make_betas
@@ -38,6 +41,9 @@ __all__ = [
   'repaint_schedule',
   'PREDICTION_TYPES',
   'SAMPLERS',
+  'fold_in_keys',
+  'normal',
+  'split_keys',
   'SCHEDULES',
   'TIMESTEP_SPACINGS',
   'Schedule',

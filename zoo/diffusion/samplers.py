@@ -3,6 +3,11 @@
 Legend: B batch; x has shape (B, ...); t_B int32 timesteps (B,); S sampling steps.
 A model_fn is `model_fn(x_t, t_B) -> prediction` in the model's prediction type; the
 solvers 'dpmpp_2m', 'euler' and 'heun' may call it with float timesteps.
+
+Randomness: `rng` is one key for the whole batch, or a batch of keys (B, 2), one per example
+(`split_keys`, `normal`, `fold_in_keys` handle both). With per-example keys every example's
+noise depends on its own key alone, so a sample does not depend on the batch it is drawn in
+(what `zoo generate` needs for results independent of batch size and device count).
 """
 
 import jax
@@ -39,6 +44,35 @@ def timesteps_for(num_timesteps, steps, spacing='linspace'):
     return np.array([num_timesteps - 1], np.int32)
   # Spacing >= 1 before rounding, so rounding cannot merge two timesteps.
   return np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int32)
+
+
+def batched_keys(rng):
+  """True for a batch of raw keys (B, 2) uint32, one per example."""
+  return jnp.ndim(rng) == 2
+
+
+def split_keys(rng, num=2):
+  """`jax.random.split` of one key, or of each key of a batch (then `num` arrays of (B, 2))."""
+  if batched_keys(rng):
+    keys_BxNx2 = jax.vmap(lambda k: jax.random.split(k, num))(rng)
+    return tuple(keys_BxNx2[:, i] for i in range(num))
+  return tuple(jax.random.split(rng, num))
+
+
+def fold_in_keys(rng, i):
+  """`jax.random.fold_in(rng, i)` of one key or of each key of a batch."""
+  if batched_keys(rng):
+    return jax.vmap(jax.random.fold_in, (0, None))(rng, i)
+  return jax.random.fold_in(rng, i)
+
+
+def normal(rng, shape, dtype=jnp.float32):
+  """Standard normal noise of `shape` (B, ...); with per-example keys row b comes from key b."""
+  if batched_keys(rng):
+    if rng.shape[0] != shape[0]:
+      raise ValueError(f'{rng.shape[0]} keys for a batch of {shape[0]}')
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(rng)
+  return jax.random.normal(rng, shape, dtype)
 
 
 def _validate(sampler, prediction_type, timestep_spacing):
@@ -93,7 +127,7 @@ def reverse_step(model_fn, sched, x, t_B, ab_t, ab_prev, rng, *, sampler, eta, p
   if clip_x0:
     x0 = jnp.clip(x0, -1.0, 1.0)
     eps = (x - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
-  z = (jax.random.normal(rng, x.shape, jnp.float32) if _stochastic(sampler, eta)
+  z = (normal(rng, x.shape) if _stochastic(sampler, eta)
        else jnp.zeros_like(x))
   if v is not None:
     return objectives.ddpm_learned_variance_step(x, x0, ab_t, ab_prev, v, z)
@@ -123,7 +157,8 @@ def sample(
   applies to DDIM only, `timestep_spacing` (see `timesteps_for`) to DDPM/DDIM only. The
   last step uses ᾱ_prev = 1, so it lands on the predicted x0. With `clip_x0`, the
   predicted x0 is clipped to [-1, 1] and ε is recomputed from it (as in ADM) so both stay
-  consistent. Step i draws its noise from fold_in(rng, i): keys do not depend on `steps`.
+  consistent. Step i draws its noise from fold_in(rng, i): keys do not depend on `steps`;
+  `rng` may be one key per example (see the module docstring).
   'dpmpp_2m', 'euler' and 'heun' are deterministic ODE solvers (`rng` and `eta` unused) on
   Karras σ, or on the table σ with `karras=False`; see `solvers.solve` (Heun: 2S-1 calls).
   With `learned_variance` the model returns [ε, v] (2C channels, iDDPM/DiT learned σ): DDPM
@@ -157,7 +192,7 @@ def sample(
 
   def body(x, inputs):
     i, t, ab_t, ab_prev = inputs
-    return reverse_step(model_fn, sched, x, t_B + t, ab_t, ab_prev, jax.random.fold_in(rng, i),
+    return reverse_step(model_fn, sched, x, t_B + t, ab_t, ab_prev, fold_in_keys(rng, i),
                         sampler=sampler, eta=eta, prediction_type=prediction_type,
                         clip_x0=clip_x0, learned_variance=learned_variance), None
 
@@ -170,18 +205,23 @@ def classifier_free_guidance(pred_fn, cond, uncond, scale):
   """Wraps a conditional `pred_fn(x, t_B, c)` into a guided `model_fn(x_t, t_B)`.
 
   `cond` and `uncond` are pytrees with leading batch dim B (e.g. labels, or the
-  null-label / empty-prompt embedding). pred_fn runs once on the 2B batch [uncond; cond]
-  and the result is uncond + scale·(cond - uncond) (diffusers convention): scale 1 is
-  the conditional prediction alone, scale 0 the unconditional one. Guidance is applied to
-  the prediction in whatever parameterisation the model predicts (ε, v or x0).
+  null-label / empty-prompt embedding). pred_fn runs once on the 2B batch that interleaves
+  them, [uncond_0, cond_0, uncond_1, cond_1, ...], and the result is
+  uncond + scale·(cond - uncond) (diffusers convention): scale 1 is the conditional
+  prediction alone, scale 0 the unconditional one. Guidance is applied to the prediction in
+  whatever parameterisation the model predicts (ε, v or x0). Interleaving (rather than
+  [uncond; cond]) keeps both halves of every example on the device that holds the example when
+  the batch is sharded, so each device computes the same rows as an unsharded run would.
   """
-  both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
+  def pairs(u, c):
+    return jnp.stack([u, c], axis=1).reshape((-1,) + u.shape[1:])
+
+  both = jax.tree.map(pairs, uncond, cond)
 
   def model_fn(x_t, t_B):
-    pred_2B = pred_fn(
-      jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([t_B, t_B], axis=0), both
-    )
-    uncond_pred, cond_pred = jnp.split(pred_2B, 2, axis=0)
+    pred_2B = pred_fn(pairs(x_t, x_t), pairs(t_B, t_B), both)
+    pred_Bx2 = pred_2B.reshape((x_t.shape[0], 2) + pred_2B.shape[1:])
+    uncond_pred, cond_pred = pred_Bx2[:, 0], pred_Bx2[:, 1]
     return uncond_pred + scale * (cond_pred - uncond_pred)
 
   return model_fn

@@ -6,6 +6,7 @@ from zoo.evals import (accuracy, adherence, control, fd, inpaint, loss, reconstr
 
 EVALUATORS = {
     'accuracy': accuracy.Accuracy,
+    'dataset_accuracy': accuracy.DatasetAccuracy,
     'adherence': adherence.Adherence,
     'control': control.ControlAdherence,
     'fd_zoo': fd.FDZoo,

@@ -3,6 +3,7 @@
 import jax
 
 import data as data_lib
+from zoo import embedding
 from zoo import sharding
 
 
@@ -39,3 +40,23 @@ class Accuracy:
       correct += int(sharding.host_gather(hits).sum())
       total += hits.shape[0]
     return {'accuracy': correct / total, 'examples': total}
+
+
+class DatasetAccuracy(Accuracy):
+  """Accuracy on a split of another dataset: `dataset` = 'name[/config]' (e.g. a classifier
+  trained on generated images, tested on the real `shapes/single32`), read like the run's data
+  (resolution, image key, label key) from the default data dir ($ZOO_DATA_DIR), not the run's."""
+
+  SCHEMA = Accuracy.SCHEMA | {'dataset': str}
+
+  @staticmethod
+  def check(cfg, config, where):
+    Accuracy.check(cfg, config, where)
+    embedding.parse_dataset(f'{cfg.dataset}:{cfg.split}')
+
+  def __init__(self, cfg, *, task, config, workdir):
+    super().__init__(cfg, task=task, config=config, workdir=workdir)
+    data_cfg, _ = embedding.dataset_config(config.data, f'{cfg.dataset}:{cfg.split}')
+    data_cfg.label_key = config.data.label_key
+    data_cfg.data_dir = None
+    self.data_cfg = data_cfg

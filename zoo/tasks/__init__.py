@@ -1,19 +1,23 @@
 """The task registry: `config.task.name` -> the training objective the loop runs."""
 
 from zoo.tasks import classification
+from zoo.tasks import consistency
 from zoo.tasks import contrastive
 from zoo.tasks import controlnet
 from zoo.tasks import diffusion
+from zoo.tasks import distill
 from zoo.tasks import inpaint
 from zoo.tasks import text_to_image
 from zoo.tasks import vae
 
 TASKS = {
     'classification': classification.ClassificationTask,
+    'consistency_distillation': consistency.ConsistencyDistillationTask,
     'contrastive': contrastive.ContrastiveTask,
     'controlnet': controlnet.ControlNetTask,
     'diffusion': diffusion.DiffusionTask,
     'inpaint': inpaint.InpaintTask,
+    'progressive_distillation': distill.ProgressiveDistillationTask,
     'text_to_image': text_to_image.TextToImageTask,
     'vae': vae.VAETask,
 }

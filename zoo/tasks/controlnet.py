@@ -190,8 +190,8 @@ class ControlNetTask(diffusion_task.DiffusionTask):
                                              'guidance_scale'))
 def _sample(task, modules, base_params, values, rng, labels_B, *, num, sampler, steps,
             guidance_scale, eta):
-  rng_init, rng_loop = jax.random.split(rng)
-  x_T = jax.random.normal(rng_init, (num, *task.image_shape), jnp.float32)
+  rng_init, rng_loop = diffusion_task.diffusion.split_keys(rng)
+  x_T = diffusion_task.diffusion.normal(rng_init, (num, *task.image_shape))
   model_fn = task.controlled(modules, base_params, values, labels_B, guidance_scale)
   x0 = diffusion_task.diffusion.sample(
       model_fn, task.schedule, x_T, rng_loop, sampler=sampler, steps=steps, eta=eta,

@@ -49,6 +49,7 @@ class DiffusionTask:
     # What predict['sample'] is conditioned on: 'class' (labels_B), 'none' (num) or 'text'.
     self.conditioning = 'class' if self.num_classes else 'none'
     self.learn_sigma = bool(config.model.get('learn_sigma', False))
+    self.timestep_spacing = 'linspace'  # DDPM/DDIM grid (distilled students sample 'trailing').
 
   def init(self, rng, batch):
     """Boxed (logically partitioned) params for a batch of this shape."""
@@ -227,12 +228,14 @@ def inpaint_settings(cfg, sampler, steps, guidance_scale, eta):
 
 @functools.partial(jax.jit, static_argnames=('task', 'num', 'sampler', 'steps', 'guidance_scale'))
 def _sample(task, params, rng, labels_B, *, num, sampler, steps, guidance_scale, eta):
-  rng_init, rng_loop = jax.random.split(rng)
-  x_T = jax.random.normal(rng_init, (num, *task.image_shape), jnp.float32)
+  rng_init, rng_loop = diffusion.split_keys(rng)
+  x_T = diffusion.normal(rng_init, (num, *task.image_shape))
   model_fn = task.denoiser(params, labels_B, guidance_scale)
+  spacing = task.timestep_spacing if sampler in ('ddpm', 'ddim') else 'linspace'
   x0 = diffusion.sample(model_fn, task.schedule, x_T, rng_loop, sampler=sampler, steps=steps,
                         eta=eta, prediction_type=task.cfg.prediction_type,
-                        clip_x0=task.cfg.clip_x0, learned_variance=task.learn_sigma)
+                        clip_x0=task.cfg.clip_x0, learned_variance=task.learn_sigma,
+                        timestep_spacing=spacing)
   return (jnp.clip(x0, -1.0, 1.0) + 1.0) / 2.0
 
 

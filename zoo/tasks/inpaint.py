@@ -188,8 +188,8 @@ def _set(tree, path, value):
 
 @functools.partial(jax.jit, static_argnames=('task', 'sampler', 'steps', 'guidance_scale'))
 def _inpaint(task, params, rng, x_known, mask, labels_B, *, sampler, steps, guidance_scale, eta):
-  rng_init, rng_loop = jax.random.split(rng)
-  x_T = jax.random.normal(rng_init, x_known.shape, jnp.float32)
+  rng_init, rng_loop = diffusion.split_keys(rng)
+  x_T = diffusion.normal(rng_init, x_known.shape)
 
   def pred_fn(x, t, cond):
     labels, m, known = cond

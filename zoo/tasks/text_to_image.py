@@ -292,8 +292,8 @@ def _to_pixels(task, params, x0):
 @functools.partial(jax.jit, static_argnames=('task', 'sampler', 'steps', 'guidance_scale'))
 def _sample(task, params, rng, ids, mask, neg_ids, neg_mask, *, sampler, steps, guidance_scale,
             eta):
-  rng_init, rng_loop = jax.random.split(rng)
-  x_T = jax.random.normal(rng_init, (ids.shape[0], *task.image_shape), jnp.float32)
+  rng_init, rng_loop = diffusion.split_keys(rng)
+  x_T = diffusion.normal(rng_init, (ids.shape[0], *task.image_shape))
   model_fn = _guided(task, params, ids, mask, neg_ids, neg_mask, guidance_scale)
   x0 = diffusion.sample(model_fn, task.schedule, x_T, rng_loop, sampler=sampler, steps=steps,
                         eta=eta, prediction_type=task.cfg.prediction_type,

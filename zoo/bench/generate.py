@@ -1,0 +1,69 @@
+"""Images per second of `zoo generate`, pipelined (device and host overlap) against synchronous.
+
+Run: `python -m zoo.bench.generate --workdir W [--num 256] [--per-device-batch 16] [--repeats 3]
+      [--out generate_bench.json]`
+
+Both modes do the same work in the same process: sample, gather, PNG-encode, checksum, write
+and fsync every image and its manifest line. A warm-up job compiles first, so no timed run
+compiles; repeats alternate the two modes (this machine is noisy) and the table reports each
+mode's median images/s and their ratio.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+
+from zoo import bench
+from zoo.pipelines import generate
+
+HEADER = '| mode | images | images/s (median) | runs |'
+
+
+def measure(workdir, *, num=256, per_device_batch=16, repeats=3, steps=None, sampler=None,
+            queue_size=2):
+  """{'pipelined': [...], 'sync': [...], 'ratio': median ratio} of images/s over `repeats`."""
+  kw = dict(num=num, per_device_batch=per_device_batch, steps=steps, sampler=sampler,
+            queue_size=queue_size, write_tfds=False)
+  results = {'pipelined': [], 'sync': []}
+  with tempfile.TemporaryDirectory(prefix='zoo_bench_generate_') as tmp:
+    generate.generate(workdir, os.path.join(tmp, 'warmup'), **{**kw, 'num': per_device_batch})
+    for r in range(repeats):
+      for mode in ('sync', 'pipelined') if r % 2 else ('pipelined', 'sync'):
+        out = os.path.join(tmp, f'{mode}{r}')
+        summary = generate.generate(workdir, out, pipelined=mode == 'pipelined', **kw)
+        results[mode].append(summary['images_per_sec'])
+        shutil.rmtree(out)
+  medians = {mode: statistics.median(v) for mode, v in results.items()}
+  return {'workdir': workdir, 'num': num, 'per_device_batch': per_device_batch,
+          'devices': summary['devices'], 'images_per_sec': results, 'median': medians,
+          'ratio': medians['pipelined'] / medians['sync']}
+
+
+def main(argv=None):
+  """CLI: prints a markdown table and writes JSON."""
+  parser = argparse.ArgumentParser(prog='python -m zoo.bench.generate',
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--num', type=int, default=256)
+  parser.add_argument('--per-device-batch', type=int, default=16)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--steps', type=int, default=None)
+  parser.add_argument('--sampler', default=None)
+  parser.add_argument('--queue-size', type=int, default=2)
+  parser.add_argument('--out', default='generate_bench.json')
+  args = parser.parse_args(argv)
+  report = measure(args.workdir, num=args.num, per_device_batch=args.per_device_batch,
+                   repeats=args.repeats, steps=args.steps, sampler=args.sampler,
+                   queue_size=args.queue_size)
+  print(HEADER + '\n|---|---|---|---|')
+  for mode in ('sync', 'pipelined'):
+    runs = ', '.join(f'{v:.1f}' for v in report['images_per_sec'][mode])
+    print(f"| {mode} | {args.num} | {report['median'][mode]:.1f} | {runs} |")
+  print(f"pipelined / sync: {report['ratio']:.2f}x on {report['devices']} device(s)")
+  bench.write_report(report, args.out)
+
+
+if __name__ == '__main__':
+  main()
