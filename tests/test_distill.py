@@ -72,6 +72,16 @@ def test_progressive_rounds_chain_and_learn(shapes_diffusion_run, tmp_path):
   assert images.shape == (4, 32, 32, 3) and 0 <= float(images.min()) <= float(images.max()) <= 1
   with pytest.raises(ValueError, match=r'a round halves them \(student_steps=2\)'):
     _config('progressive_distill_shapes', f'smoke=True,teacher={first},steps=1')
+  # A consistency student can start from this progressive student (its v-prediction weights).
+  cd = str(tmp_path / 'cd_from_pd4')
+  train.train_and_evaluate(_config('consistency_distill_shapes', f'smoke=True,teacher={teacher},'
+                                   f'init={first},train_steps=1', '--config.optim.lr=0.0'), cd)
+  _, _, cd_state = runs.load(cd)
+  for a, b in zip(jax.tree.leaves(cd_state['params']['student']),
+                  jax.tree.leaves(state['ema_params']['student'])):  # Its EMA weights.
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="student_from=.* is a 'diffusion' run"):
+    _config('consistency_distill_shapes', f'smoke=True,teacher={teacher},init={teacher}')
   second = str(tmp_path / 'pd2')
   train.train_and_evaluate(_config('progressive_distill_shapes',
                                    f'smoke=True,teacher={first},steps=2,train_steps=4'), second)

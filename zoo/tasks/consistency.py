@@ -14,6 +14,11 @@ t_j = (j+1)·k - 1: for t = t_j and t' = max(t - k, 0),
   z_t = α_t x + σ_t ε;  ẑ_t' = one DDIM step of the guided teacher from z_t;
   loss = d(f_θ(z_t, t), stopgrad f_θ(ẑ_t', t')),  d = squared error or pseudo-Huber.
 
+The student starts from the teacher's weights, or (`student_from`) from the student of a
+progressive-distillation run: a v-student of an ε-teacher otherwise starts from weights that
+read the wrong quantity, and the consistency targets, bootstrapped from the boundary t = 0
+through the whole grid, then take far longer to become meaningful than a short run gives them.
+
 The target network is the student itself under stop-gradient (θ⁻ = θ, as improved consistency
 training found best) rather than a separate EMA copy, so params stay {'teacher', 'student'}.
 Guidance is distilled in (`teacher_guidance`): the student samples at guidance 1.
@@ -40,7 +45,7 @@ from zoo.tasks import distill
 SAMPLER = 'consistency'
 LOSSES = ('l2', 'huber')
 SCHEMA = diffusion_task.SCHEMA | {'teacher_from': str, 'teacher_guidance': float, 'skip': int,
-                                  'distance': str, 'huber_c': float}
+                                  'distance': str, 'huber_c': float, 'student_from': str}
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
 
@@ -84,9 +89,13 @@ class ConsistencyDistillationTask(distill._Distillation):
       raise ValueError('config.task.teacher_from must name the teacher run')
     if os.path.isfile(os.path.join(task.teacher_from, 'config.json')):
       _check_teacher(config, distill.teacher_run_config(task.teacher_from))
+    if task.student_from:
+      _check_student_run(config, zoo_config.run_config(
+          task.student_from, 'config.task.student_from',
+          'train a progressive student first (experiments/progressive_distill_shapes.py)'))
 
   def __init__(self, config):
-    super().__init__(config)
+    super().__init__(config, student_from=config.task.student_from)
     _check_teacher(config, self.teacher_config)
     k = config.task.skip
     self.grid = jnp.asarray(np.arange(1, config.task.num_timesteps // k + 1) * k - 1, jnp.int32)
@@ -140,6 +149,19 @@ class ConsistencyDistillationTask(distill._Distillation):
 
 def _check_teacher(config, teacher):
   distill.check_teacher(config, teacher, allowed=('diffusion',))
+
+
+def _check_student_run(config, run):
+  """student_from: a distillation run of this architecture whose student predicts as ours."""
+  where = f'config.task.student_from={config.task.student_from!r}'
+  if run.task.name not in distill.TEACHER_TASKS[1:]:
+    raise ValueError(f'{where} is a {run.task.name!r} run; it must be a distillation run '
+                     f'({distill.TEACHER_TASKS[1:]})')
+  if models.kwargs(run.model) != models.kwargs(config.model):
+    raise ValueError(f'{where} trained another model than config.model')
+  if run.task.prediction_type != config.task.prediction_type:
+    raise ValueError(f'{where} predicts {run.task.prediction_type!r}, config.task.'
+                     f'prediction_type is {config.task.prediction_type!r}')
 
 
 @functools.partial(jax.jit, static_argnames=('task', 'num', 'timesteps'))

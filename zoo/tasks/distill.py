@@ -86,7 +86,7 @@ def check_student_sampling(task, sampler):
 class _Distillation(diffusion_task.DiffusionTask):
   """A student denoiser of config.model under a frozen teacher run of the same architecture."""
 
-  def __init__(self, config):
+  def __init__(self, config, student_from=''):
     super().__init__(config)
     self.teacher_config = teacher_run_config(config.task.teacher_from)
     teacher_task = self.teacher_config.task
@@ -98,6 +98,10 @@ class _Distillation(diffusion_task.DiffusionTask):
     self.frozen = ('teacher',)
     self.pretrained = {'teacher': checkpoint.Source(config.task.teacher_from, subtree)}
     self.predict = {'sample': self.sample}
+    # The student starts from the teacher, or from the student of another distillation run.
+    self.student_from = student_from
+    if self.student_from:
+      self.pretrained['student'] = checkpoint.Source(self.student_from, 'student')
 
   def init(self, rng, batch):
     """Boxed params {'teacher', 'student'} (the teacher's are replaced by the checkpoint's)."""
@@ -105,7 +109,9 @@ class _Distillation(diffusion_task.DiffusionTask):
     return {'teacher': params, 'student': params}
 
   def after_pretrained(self, params):
-    """Once the teacher is loaded, the student starts as a copy of it."""
+    """Once the teacher is loaded, the student starts as a copy of it (unless student_from)."""
+    if self.student_from:
+      return params
     return {**params, 'student': jax.tree.map(jnp.copy, params['teacher'])}
 
   def denoiser(self, params, labels_B, guidance_scale):
