@@ -209,8 +209,9 @@ def _check_job(out, job):
 class _Writer:
   """Host side: uint8 PNGs into their shard directory, then the batch's manifest lines."""
 
-  def __init__(self, out, job, conds, shard_size):
+  def __init__(self, out, job, conds, keys, shard_size):
     self.out, self.job, self.conds, self.shard_size = out, job, conds, shard_size
+    self.keys = keys
     self.manifest = open(os.path.join(out, MANIFEST), 'a')
     self.written = 0
 
@@ -218,7 +219,7 @@ class _Writer:
     from PIL import Image
     lines = []
     pixels = generation.to_uint8(np.asarray(images_BxHxWxC, np.float32))
-    keys = np.asarray(asset_keys(self.job['seed'], indices))
+    keys = self.keys[np.asarray(indices)]
     for i, image, key in zip(indices, pixels, keys):
       rel = os.path.join(IMAGES, f'shard-{i // self.shard_size:05d}', f'{i:08d}.png')
       path = os.path.join(self.out, rel)
@@ -306,10 +307,12 @@ def generate(workdir, out, *, num, prompts=None, dataset=None, per_device_batch=
   params = jax.device_put(state['ema_params' if use_ema else 'params'],
                           NamedSharding(mesh, P()))  # Replicated: sampling shards the batch.
   batch_sharding = sharding.batch_sharding(mesh)
-  writer = _Writer(out, job, conds, shard_size)
+  # Every key on the host once: the writer thread must never wait on the device's queue.
+  keys_Nx2 = np.asarray(asset_keys(seed, np.arange(padded_num)))
+  writer = _Writer(out, job, conds, keys_Nx2, shard_size)
 
   def dispatch(padded):
-    keys = jax.device_put(asset_keys(seed, padded), batch_sharding)
+    keys = jax.device_put(keys_Nx2[np.asarray(padded)], batch_sharding)
     kw = dict(sampler=settings['sampler'], steps=settings['steps'],
               guidance_scale=settings['guidance'])
     if kind == 'class':

@@ -115,10 +115,11 @@ class DiffusionTask:
     if self.num_classes:
       if labels_B is None:
         raise ValueError('this model is class-conditional: pass labels')
-      labels_B = jnp.asarray(labels_B, jnp.int32)
-      if int(jnp.max(labels_B)) > self.num_classes or int(jnp.min(labels_B)) < 0:
+      # Checked on the host: a device reduction would wait for work queued before it.
+      host = np.asarray(labels_B)
+      if host.max() > self.num_classes or host.min() < 0:
         raise ValueError(f'labels must lie in [0, {self.num_classes}] ({self.num_classes} = null)')
-      return labels_B, labels_B.shape[0]
+      return jnp.asarray(labels_B, jnp.int32), host.shape[0]
     if labels_B is not None:
       raise ValueError('this model is unconditional: labels do not apply')
     if num is None:
