@@ -213,7 +213,6 @@ class _Writer:
     self.out, self.job, self.conds, self.shard_size = out, job, conds, shard_size
     self.keys = keys
     self.manifest = open(os.path.join(out, MANIFEST), 'a')
-    self.written = 0
 
   def write(self, indices, images_BxHxWxC):
     from PIL import Image
@@ -234,14 +233,12 @@ class _Writer:
                'sampler': self.job['sampler'], 'nfe': self.job['steps'],
                'guidance': self.job['guidance'], 'step': self.job['step']}
       if self.conds is not None:
-        value = self.conds[i]
-        entry['label' if isinstance(value, (int, np.integer)) else 'prompt'] = (
-            int(value) if isinstance(value, (int, np.integer)) else value)
+        value = _plain(self.conds[i])
+        entry['label' if isinstance(value, int) else 'prompt'] = value
       lines.append(json.dumps(entry, sort_keys=True) + '\n')
     self.manifest.write(''.join(lines))
     self.manifest.flush()
     os.fsync(self.manifest.fileno())
-    self.written += len(lines)
 
   def close(self):
     self.manifest.close()

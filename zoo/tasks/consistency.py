@@ -89,14 +89,14 @@ class ConsistencyDistillationTask(distill._Distillation):
       raise ValueError('config.task.teacher_from must name the teacher run')
     if os.path.isfile(os.path.join(task.teacher_from, 'config.json')):
       _check_teacher(config, distill.teacher_run_config(task.teacher_from))
-    if task.student_from:
-      _check_student_run(config, zoo_config.run_config(
-          task.student_from, 'config.task.student_from',
-          'train a progressive student first (experiments/progressive_distill_shapes.py)'))
+    if task.student_from and os.path.isfile(os.path.join(task.student_from, 'config.json')):
+      _check_student_run(config, _student_run_config(task.student_from))
 
   def __init__(self, config):
     super().__init__(config, student_from=config.task.student_from)
     _check_teacher(config, self.teacher_config)
+    if self.student_from:
+      _check_student_run(config, _student_run_config(self.student_from))
     k = config.task.skip
     self.grid = jnp.asarray(np.arange(1, config.task.num_timesteps // k + 1) * k - 1, jnp.int32)
 
@@ -149,6 +149,12 @@ class ConsistencyDistillationTask(distill._Distillation):
 
 def _check_teacher(config, teacher):
   distill.check_teacher(config, teacher, allowed=('diffusion',))
+
+
+def _student_run_config(workdir):
+  return zoo_config.run_config(
+      workdir, 'config.task.student_from',
+      'train a progressive student first (experiments/progressive_distill_shapes.py)')
 
 
 def _check_student_run(config, run):
