@@ -38,7 +38,8 @@ def reference(shapes_diffusion_run, tmp_path_factory):
   """An uninterrupted, pipelined job on this process's 8 devices (2 assets per device)."""
   workdir = shapes_diffusion_run[0]
   out = tmp_path_factory.mktemp('generated') / 'reference'
-  summary = generate.generate(str(workdir), str(out), num=NUM, per_device_batch=2, steps=20)
+  summary = generate.generate(str(workdir), str(out), num=NUM, per_device_batch=2, steps=20,
+                              host_threads=4)
   return workdir, out, summary
 
 
@@ -63,10 +64,10 @@ def test_manifest_and_tfds_copy(reference):
   assert len({e['sha256'] for e in entries}) == NUM  # Every asset its own noise.
 
 
-def test_same_assets_for_a_shorter_job_run_synchronously(reference, tmp_path):
-  workdir, out, _ = reference
+def test_same_assets_for_a_shorter_job_run_synchronously_on_one_host_thread(reference, tmp_path):
+  workdir, out, _ = reference  # The reference wrote its PNGs on 4 host threads.
   summary = generate.generate(str(workdir), str(tmp_path / 'sync'), num=11, per_device_batch=2,
-                              steps=20, pipelined=False, write_tfds=False)
+                              steps=20, pipelined=False, write_tfds=False, host_threads=1)
   assert summary['generated'] == 11
   expected = _checksums(out)
   assert _checksums(tmp_path / 'sync') == {i: expected[i] for i in range(11)}
@@ -182,4 +183,6 @@ def test_benchmark_times_both_modes_on_the_same_work(reference):
   report = bench_generate.measure(str(reference[0]), num=8, per_device_batch=1, repeats=1,
                                   steps=5)
   assert report['devices'] == 8 and report['ratio'] > 0
+  assert report['sync_device_seconds'] > 0 and report['sync_host_seconds'] > 0
+  assert 1 < report['ceiling'] <= 2
   assert all(len(v) == 1 and v[0] > 0 for v in report['images_per_sec'].values())

@@ -77,6 +77,8 @@ def _parser():
                    help="use this process's first N devices (default: all)")
   gen.add_argument('--shard-size', type=int, default=1000, help='images per shard directory')
   gen.add_argument('--queue-size', type=int, default=2, help='batches the device may run ahead')
+  gen.add_argument('--host-threads', type=int, default=None,
+                   help='threads encoding and writing PNGs (default: up to 8 cores)')
   gen.add_argument('--sync', action='store_true',
                    help='no host thread: sample, then write, one batch after another')
   gen.add_argument('--compile-cache', default=None,
@@ -165,7 +167,7 @@ def main(argv=None):
           steps=args.steps,
           guidance_scale=args.guidance, shard_size=args.shard_size, queue_size=args.queue_size,
           pipelined=not args.sync, compile_cache=args.compile_cache, devices=args.devices,
-          write_tfds=not args.no_tfds)
+          write_tfds=not args.no_tfds, host_threads=args.host_threads)
       print(json.dumps(summary, indent=2))
     elif args.command == 'latents':
       from zoo import latents

@@ -11,9 +11,10 @@ rounding depends on the shapes a device computes, so this is what makes the PNGs
 not just close, for 1 or 8 devices and across restarts.
 
 The device samples batch k+1 while a host thread turns batch k into PNG files, checksums and
-manifest lines; a bounded queue (`queue_size` batches) keeps the device from running ahead of
-the disk. With `pipelined=False` the same work runs in one thread, one batch after another
-(the benchmark `zoo.bench.generate` compares the two).
+manifest lines (the PNGs on a pool of `host_threads`); a bounded queue (`queue_size` batches)
+keeps the device from running ahead of the disk. With `pipelined=False` the same work runs
+batch after batch, the device idle while the host writes (the benchmark `zoo.bench.generate`
+compares the two).
 
 OUT holds:
   generate.json   the job (run, checkpoint step, sampler, NFE, guidance, seed, num, source):
@@ -42,6 +43,7 @@ import os
 import queue
 import threading
 import time
+from concurrent import futures
 
 import jax
 import numpy as np
@@ -207,28 +209,42 @@ def _check_job(out, job):
 
 
 class _Writer:
-  """Host side: uint8 PNGs into their shard directory, then the batch's manifest lines."""
+  """Host side: uint8 PNGs into their shard directory, then the batch's manifest lines.
 
-  def __init__(self, out, job, conds, keys, shard_size):
+  PNG encoding, checksums and file writes run on `threads` host threads (zlib and file I/O
+  release the GIL); the manifest lines are appended in index order, once per batch.
+  """
+
+  def __init__(self, out, job, conds, keys, shard_size, threads=1):
     self.out, self.job, self.conds, self.shard_size = out, job, conds, shard_size
     self.keys = keys
     self.manifest = open(os.path.join(out, MANIFEST), 'a')
+    self.pool = futures.ThreadPoolExecutor(threads, 'zoo-generate-png') if threads > 1 else None
+    self.shards = set()
+
+  def _save(self, i, image):
+    """Writes asset i's PNG (temporary name, then renamed); returns (relative path, sha256)."""
+    from PIL import Image
+    rel = os.path.join(IMAGES, f'shard-{i // self.shard_size:05d}', f'{i:08d}.png')
+    path = os.path.join(self.out, rel)
+    buf = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buf, 'PNG')
+    with open(path + '.tmp', 'wb') as f:
+      f.write(buf.getvalue())
+    os.replace(path + '.tmp', path)
+    return rel, hashlib.sha256(buf.getvalue()).hexdigest()
 
   def write(self, indices, images_BxHxWxC):
-    from PIL import Image
-    lines = []
     pixels = generation.to_uint8(np.asarray(images_BxHxWxC, np.float32))
-    keys = self.keys[np.asarray(indices)]
-    for i, image, key in zip(indices, pixels, keys):
-      rel = os.path.join(IMAGES, f'shard-{i // self.shard_size:05d}', f'{i:08d}.png')
-      path = os.path.join(self.out, rel)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      buf = io.BytesIO()
-      Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buf, 'PNG')
-      with open(path + '.tmp', 'wb') as f:
-        f.write(buf.getvalue())
-      os.replace(path + '.tmp', path)
-      entry = {'index': int(i), 'file': rel, 'sha256': hashlib.sha256(buf.getvalue()).hexdigest(),
+    indices = [int(i) for i in indices]
+    for shard in {i // self.shard_size for i in indices} - self.shards:
+      os.makedirs(os.path.join(self.out, IMAGES, f'shard-{shard:05d}'), exist_ok=True)
+      self.shards.add(shard)
+    saved = (self.pool.map(self._save, indices, pixels) if self.pool
+             else map(self._save, indices, pixels))
+    lines = []
+    for i, (rel, sha), key in zip(indices, saved, self.keys[np.asarray(indices)]):
+      entry = {'index': i, 'file': rel, 'sha256': sha,
                'seed': self.job['seed'], 'key': [int(k) for k in key],
                'sampler': self.job['sampler'], 'nfe': self.job['steps'],
                'guidance': self.job['guidance'], 'step': self.job['step']}
@@ -241,6 +257,8 @@ class _Writer:
     os.fsync(self.manifest.fileno())
 
   def close(self):
+    if self.pool:
+      self.pool.shutdown()
     self.manifest.close()
 
 
@@ -263,16 +281,20 @@ def _groups(todo, per_device, devices):
 
 def generate(workdir, out, *, num, prompts=None, dataset=None, per_device_batch=8, seed=0,
              sampler=None, steps=None, guidance_scale=None, shard_size=1000, pipelined=True,
-             queue_size=2, compile_cache=None, use_ema=True, write_tfds=True, devices=None):
+             queue_size=2, compile_cache=None, use_ema=True, write_tfds=True, devices=None,
+             host_threads=None):
   """Generates assets 0..num-1 of the run `workdir` into `out` (resuming); returns a summary.
 
   Every dispatch samples `per_device_batch` assets on each of `devices` devices (default all
   of this process's). Assets are bit-identical for any number of devices, pipelined or not,
   interrupted or not; `per_device_batch` is part of the job because XLA's float rounding
-  depends (by ~1e-6) on the shapes a device computes.
+  depends (by ~1e-6) on the shapes a device computes. `host_threads` (default: up to 8 of
+  the host's cores) encode and write the PNGs; they change the speed, never the output.
   """
-  if min(num, per_device_batch, shard_size, queue_size) < 1:
-    raise ValueError('--num, --per-device-batch, --shard-size and --queue-size must be >= 1')
+  host_threads = host_threads or min(8, os.cpu_count() or 1)
+  if min(num, per_device_batch, shard_size, queue_size, host_threads) < 1:
+    raise ValueError('--num, --per-device-batch, --shard-size, --queue-size and --host-threads '
+                     'must be >= 1')
   if jax.process_count() > 1:
     raise ValueError('zoo generate runs in one process (it shards over all of its devices)')
   if compile_cache != '':
@@ -306,7 +328,7 @@ def generate(workdir, out, *, num, prompts=None, dataset=None, per_device_batch=
   batch_sharding = sharding.batch_sharding(mesh)
   # Every key on the host once: the writer thread must never wait on the device's queue.
   keys_Nx2 = np.asarray(asset_keys(seed, np.arange(padded_num)))
-  writer = _Writer(out, job, conds, keys_Nx2, shard_size)
+  writer = _Writer(out, job, conds, keys_Nx2, shard_size, host_threads)
 
   def dispatch(padded):
     keys = jax.device_put(keys_Nx2[np.asarray(padded)], batch_sharding)
@@ -319,8 +341,18 @@ def generate(workdir, out, *, num, prompts=None, dataset=None, per_device_batch=
       return task.predict['sample'](params, keys, prompts=[conds[i] for i in padded], **kw)
     return task.predict['sample'](params, keys, num=len(padded), **kw)
 
+  # Seconds spent dispatching (a sampler's host loop) and waiting for the device, and seconds
+  # spent writing. Run synchronously, the first is the sampling time, and overlapping the two
+  # can gain at most (device + write) / max(device, write).
+  timers = {'device_seconds': 0.0, 'host_write_seconds': 0.0}
+
   def finish(kept, rows, images):
-    writer.write(kept, sharding.host_gather(images)[np.asarray(rows, np.int64)])
+    t0 = time.perf_counter()
+    images = sharding.host_gather(images)
+    t1 = time.perf_counter()
+    writer.write(kept, images[np.asarray(rows, np.int64)])
+    timers['device_seconds'] += t1 - t0
+    timers['host_write_seconds'] += time.perf_counter() - t1
 
   start, hits0 = time.perf_counter(), _cache_hits[0]
   try:
@@ -329,14 +361,17 @@ def generate(workdir, out, *, num, prompts=None, dataset=None, per_device_batch=
       _run_pipelined(groups, dispatch, finish, queue_size)
     else:
       for kept, rows, padded in groups:
-        finish(kept, rows, dispatch(padded))
+        t0 = time.perf_counter()
+        images = dispatch(padded)
+        timers['device_seconds'] += time.perf_counter() - t0
+        finish(kept, rows, images)
   finally:
     writer.close()
   seconds = time.perf_counter() - start
   summary = {'out': out, 'num': num, 'resumed_with': len(done), 'generated': len(todo),
              'seconds': seconds, 'images_per_sec': len(todo) / seconds if todo else 0.0,
              'pipelined': pipelined, 'compile_cache_hits': _cache_hits[0] - hits0,
-             'devices': devices}
+             'devices': devices, **timers}
   if write_tfds:
     from data import generated
     summary['tfds_data_dir'] = generated.write(out, config, task.pixel_shape)
