@@ -14,6 +14,7 @@ Datasets come from `BUILTINS` (built offline into data_dir on first use) or are 
 `tfds:<name>[/<config>]` and must already be prepared in data_dir as array_record.
 `data.features` names extra features to emit beside image and label (masks, depth, ...;
 see `extra_features`), each as a fixed-shape array.
+`data.text` and `data.qa` add token arrays of captions and of question/answer pairs.
 
 An optional `data.mixture` ('res32:3,single32:1': builder configs of the dataset and their
 weights) replaces `data.builder_config`: each config is shuffled on its own (reshuffled every
@@ -33,6 +34,7 @@ import tensorflow_datasets as tfds
 
 from data import captions
 from data import extra_features
+from data import qa
 from data.digits import digits_dataset_builder
 from data.shapes import shapes_dataset_builder
 
@@ -112,6 +114,8 @@ def check_config(data_cfg) -> None:
   extra_features.check_names(data_cfg.features, data_cfg.image_key, data_cfg.label_key)
   if 'text' in data_cfg:
     captions.check_config(data_cfg.text)
+  if 'qa' in data_cfg:
+    qa.check_config(data_cfg.qa)
   if name in BUILTINS and data_cfg.features:
     # Instantiating a builder reads no data and writes nothing; it only describes features.
     builder = BUILTINS[name](data_dir=resolve_data_dir(data_cfg.data_dir),
@@ -297,12 +301,12 @@ def preprocess(example: dict[str, Any], *, image_key: str, label_key: str, resol
 
 
 def _read_batch(k: int, indices_L: np.ndarray, *, source: '_Source | _MixedSource',
-                text: 'captions.Captions | None', **preprocess_kw) -> dict[str, np.ndarray]:
+                texts: tuple, **preprocess_kw) -> dict[str, np.ndarray]:
   """Batch k (its global index) of examples `indices_L`, preprocessed and stacked."""
   raw = source.read(indices_L)
   examples = [preprocess(ex, **preprocess_kw) for ex in raw]
   batch = {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
-  if text is not None:
+  for text in texts:
     batch |= text.tokens(raw, indices_L, k)
   return batch
 
@@ -407,10 +411,13 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
   extras = tuple(extra_features.plan(
       builder.info.features, data_cfg.features, image_key=data_cfg.image_key,
       resolution=data_cfg.resolution, dataset=builder.info.full_name))
-  text = None
+  texts = []  # Token arrays: captions (data.text) and question/answer pairs (data.qa).
   if 'text' in data_cfg:
     _check_feature(builder, data_cfg.text.caption_key, 'text.caption_key')
-    text = captions.Captions(data_cfg.text, seed)
+    texts.append(captions.Captions(data_cfg.text, seed))
+  if 'qa' in data_cfg:
+    qa.check_features(builder.info.features, builder.info.full_name)
+    texts.append(qa.QuestionAnswers(data_cfg.qa, seed))
   image_shape = builder.info.features[data_cfg.image_key].shape
   channels = image_shape[-1] if len(image_shape) == 3 else 1
   sources = [_Source(b, split) for b in builders]
@@ -428,7 +435,7 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
     if num_batches == 0:
       raise ValueError(f'{split!r} of {data_cfg.name!r} has {n} examples, fewer than global_batch_size={global_batch_size}.')
   ds = ds[process_index::process_count].map_with_index(functools.partial(
-      _read_batch, source=source, text=text, image_key=data_cfg.image_key,
+      _read_batch, source=source, texts=tuple(texts), image_key=data_cfg.image_key,
       label_key=data_cfg.label_key, resolution=data_cfg.resolution, extras=extras))
 
   r = data_cfg.resolution
@@ -437,6 +444,6 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
     spec['label'] = ((local,), np.dtype(np.int32))
   for extra in extras:
     spec[extra.name] = ((local, *extra.shape), extra.dtype)
-  if text is not None:
+  for text in texts:
     spec |= text.spec(local)
   return Batches(ds, spec, num_batches, prefetch)

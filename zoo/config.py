@@ -46,6 +46,8 @@ _SECTIONS = {
 }
 # Optional `config.data.text`: captions tokenized into `tokens` / `tokens_mask` batch arrays.
 _DATA_TEXT = {'caption_key': str, 'tokenizer': str, 'tokenizer_path': str, 'max_len': int}
+# Optional `config.data.qa`: question/answer pairs as `qa_*` batch arrays (data/qa.py).
+_DATA_QA = {'tokenizer': str, 'tokenizer_path': str, 'max_len': int, 'types': tuple}
 OPTIMIZERS = ('adamw', 'adam', 'sgd')
 LR_SCHEDULES = ('constant', 'cosine', 'linear')
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -176,6 +178,8 @@ def validate(config):
       check_keys(config[name], name, schema | _optional_sections(config[name], name))
   if 'text' in config.data:
     check_keys(config.data.text, 'data.text', _DATA_TEXT)
+  if 'qa' in config.data:
+    check_keys(config.data.qa, 'data.qa', _DATA_QA)
   _check_train(config.train)
   check_choice(config.optim.name, OPTIMIZERS, 'config.optim.name')
   check_choice(config.optim.schedule, LR_SCHEDULES, 'config.optim.schedule')
@@ -187,10 +191,11 @@ def validate(config):
 
 
 def _optional_sections(section, name):
-  """Optional keys: `data.text` for text-conditioned tasks, `data.mixture` (data/pipeline.py)."""
+  """Optional keys of config.data: `text`, `qa` (token arrays), `mixture` (data/pipeline.py)."""
   if name != 'data':
     return {}
-  return {k: t for k, t in (('text', ConfigDict), ('mixture', str)) if k in section}
+  optional = (('text', ConfigDict), ('qa', ConfigDict), ('mixture', str))
+  return {k: t for k, t in optional if k in section}
 
 
 def _check_train(train):

@@ -10,6 +10,7 @@
   zoo latents --config experiments/NAME.py[:key=value,...] --out DIR [--split S ...]
   zoo index  --workdir DIR (--images IMGDIR | --dataset name[/config]:split) --out INDEX
   zoo search INDEX "a small red star." [-k 5] [--image PATH] [--json] [--out top.png]
+  zoo ask    --workdir DIR --image IMG.png "how many red shapes are there?" [--decoding beam]
 """
 
 import argparse
@@ -85,6 +86,13 @@ def _parser():
                    help="JAX's persistent compilation cache (default ~/.cache/zoo/"
                         "jax_compilation_cache; '' turns it off)")
   gen.add_argument('--no-tfds', action='store_true', help='skip writing OUT/tfds at the end')
+  ask = sub.add_parser('ask', help='answer questions about an image (or caption it) with a '
+                       'vision-language run')
+  ask.add_argument('--workdir', required=True)
+  ask.add_argument('--image', required=True)
+  ask.add_argument('questions', nargs='*', help='one or more questions (none: a captioning run)')
+  ask.add_argument('--decoding', default='greedy', help='greedy or beam (task.beams beams)')
+  ask.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
   evaluate = sub.add_parser('eval', help='run the experiment\'s evaluators on the latest checkpoint')
   evaluate.add_argument('--workdir', required=True)
   latents = sub.add_parser('latents', help="encode a latent-diffusion experiment's dataset "
@@ -169,6 +177,12 @@ def main(argv=None):
           pipelined=not args.sync, compile_cache=args.compile_cache, devices=args.devices,
           write_tfds=not args.no_tfds, host_threads=args.host_threads)
       print(json.dumps(summary, indent=2))
+    elif args.command == 'ask':
+      from zoo.pipelines import ask
+      answers = ask.ask(args.workdir, args.image, args.questions, decoding=args.decoding,
+                        step=args.step)
+      for question, answer in zip(args.questions or [''], answers):
+        print(f'{question} -> {answer}' if question else answer)
     elif args.command == 'latents':
       from zoo import latents
       builder = latents.precompute(zoo_config.load(args.config, overrides), args.out,

@@ -211,8 +211,10 @@ def train_and_evaluate(config, workdir):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(zoo_config.to_json(config))
-    if 'text' in config.data:  # A workdir carries the tokenizer its checkpoints' ids come from.
-      text_tokenizers.save_to_workdir(workdir, config.data.text)
+    # A workdir carries the tokenizer its checkpoints' ids come from (captions', else QA's).
+    language = [config.data[k] for k in ('text', 'qa') if k in config.data]
+    if language:
+      text_tokenizers.save_to_workdir(workdir, language[0])
   train_cfg = config.train
   data = _train_data(config)
   s = setup(config, data.spec())

@@ -2,12 +2,13 @@
 
 from zoo import config as zoo_config
 from zoo.evals import (accuracy, adherence, control, fd, inpaint, loss, reconstruction,
-                       retrieval, sample_grid, zero_shot)
+                       retrieval, sample_grid, vqa, zero_shot)
 
 EVALUATORS = {
     'accuracy': accuracy.Accuracy,
     'dataset_accuracy': accuracy.DatasetAccuracy,
     'adherence': adherence.Adherence,
+    'caption_bleu': vqa.Captioning,
     'control': control.ControlAdherence,
     'fd_zoo': fd.FDZoo,
     'inpaint': inpaint.InpaintQuality,
@@ -16,6 +17,7 @@ EVALUATORS = {
     'reconstruction': reconstruction.Reconstruction,
     'retrieval': retrieval.Retrieval,
     'sample_grid': sample_grid.SampleGrid,
+    'vqa': vqa.VQA,
     'zero_shot': zero_shot.ZeroShot,
 }
 

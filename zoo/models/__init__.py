@@ -13,6 +13,7 @@ from zoo.models import text
 from zoo.models import unet
 from zoo.models import vae
 from zoo.models import vit
+from zoo.models import vlm
 
 
 class Entry(typing.NamedTuple):
@@ -32,6 +33,7 @@ MODELS = {
     'vae': Entry(vae.AutoencoderKL, vae.check_config, vae.preset),
     'text': Entry(text.TextTransformer, text.check_config, text.preset),
     'vit': Entry(vit.ViT, vit.check_config, vit.preset),
+    'vlm': Entry(vlm.VLM, vlm.check_config, vlm.preset),
     'dual_encoder': Entry(dual_encoder.DualEncoder, dual_encoder.check_config,
                           dual_encoder.preset, {'image': 'vit', 'text': 'text'}),
 }

@@ -9,6 +9,7 @@ from zoo.tasks import distill
 from zoo.tasks import inpaint
 from zoo.tasks import text_to_image
 from zoo.tasks import vae
+from zoo.tasks import vlm
 
 TASKS = {
     'classification': classification.ClassificationTask,
@@ -20,6 +21,7 @@ TASKS = {
     'progressive_distillation': distill.ProgressiveDistillationTask,
     'text_to_image': text_to_image.TextToImageTask,
     'vae': vae.VAETask,
+    'vlm': vlm.VLMTask,
 }
 
 
