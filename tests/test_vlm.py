@@ -181,12 +181,13 @@ def test_beam_search_scores_its_sequence():
   assert np.all(np.asarray(scores) >= np.asarray(g_score) - 1e-4)  # Beams never lose to greedy.
 
 
-@pytest.mark.parametrize('reduce', [dict(reduce='merge', merge_r=4, vision_depth=3),
-                                    dict(reduce='prune', prune_keep=0.25, vision_depth=3),
-                                    dict(attention='block', block=16),
-                                    dict(attention='nystrom', rank=16),
-                                    dict(attention='linformer', rank=8)])
-@pytest.mark.parametrize('fusion', ['mid', 'early'])
+@pytest.mark.parametrize('fusion, reduce', [
+    ('mid', dict(reduce='merge', merge_r=4, vision_depth=3)),
+    ('early', dict(reduce='merge', merge_r=4, vision_depth=3)),
+    ('early', dict(reduce='prune', prune_keep=0.25, vision_depth=3)),
+    ('late', dict(attention='block', block=16)),
+    ('mid', dict(attention='nystrom', rank=16)),
+    ('early', dict(attention='linformer', rank=8))])
 def test_mitigations_keep_static_shapes_under_jit(fusion, reduce):
   model = _model(fusion, **reduce)
   images, tokens = _inputs()
