@@ -53,21 +53,29 @@ LR_SCHEDULES = ('constant', 'cosine', 'linear')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
-def load(spec, overrides=()):
-  """Loads `path.py[:arg]`, applies `--config.a.b=V` style overrides and validates."""
+def load(spec, overrides=(), validate_config=True):
+  """Loads `path.py[:arg]` (or a run's `config.json`), applies `--config.a.b=V` style overrides
+  and validates."""
   path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'experiment file not found: {path!r}')
-  module = experiment_module(path)
-  if not hasattr(module, 'get_config'):
-    raise ValueError(f'{path} defines no get_config(arg)')
-  config = module.get_config(arg or None)
+  if path.endswith('.json'):
+    if arg:
+      raise ValueError(f'{spec}: a config.json takes no :arguments; use --config.a.b=V')
+    with open(path) as f:
+      config = from_json(f.read())
+  else:
+    module = experiment_module(path)
+    if not hasattr(module, 'get_config'):
+      raise ValueError(f'{path} defines no get_config(arg)')
+    config = module.get_config(arg or None)
   for item in overrides:
     key, sep, value = item.partition('=')
     if not sep:
       raise ValueError(f'override {item!r} must look like config.a.b=VALUE')
     override(config, key.removeprefix('--').removeprefix('config.'), value)
-  validate(config)
+  if validate_config:  # Callers that change sections first (zoo convert) validate after.
+    validate(config)
   return config
 
 

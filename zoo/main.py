@@ -11,6 +11,8 @@
   zoo index  --workdir DIR (--images IMGDIR | --dataset name[/config]:split) --out INDEX
   zoo search INDEX "a small red star." [-k 5] [--image PATH] [--json] [--out top.png]
   zoo ask    --workdir DIR --image IMG.png "how many red shapes are there?" [--decoding beam]
+  zoo convert --from KIND --in PATH --out DIR [--config EXP.py[:args]] [--base DIR]
+  zoo export --workdir DIR --out PATH [--format F] [--raw]
 """
 
 import argparse
@@ -93,6 +95,25 @@ def _parser():
   ask.add_argument('questions', nargs='*', help='one or more questions (none: a captioning run)')
   ask.add_argument('--decoding', default='greedy', help='greedy or beam (task.beams beams)')
   ask.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
+  conv = sub.add_parser('convert', help='a public checkpoint (safetensors file or HF-style '
+                        'folder) -> a zoo workdir at step 0')
+  conv.add_argument('--from', dest='kind', required=True,
+                    help='diffusers-vae, diffusers-unet, diffusers-controlnet, dit, clip or siglip')
+  conv.add_argument('--in', dest='source', required=True,
+                    help='a .safetensors file or a folder with config.json (no pickles)')
+  conv.add_argument('--out', required=True, help='the workdir to write')
+  conv.add_argument('--config', default=None,
+                    help="the experiment the run is written as (default: the kind's shapes one)")
+  conv.add_argument('--base', default=None, help='diffusers-controlnet: the base diffusion run')
+  conv.add_argument('--num-heads', type=int, default=None,
+                    help='dit (facebook format): heads of an unpublished size')
+  export = sub.add_parser('export', help="a run's params as safetensors in the public naming")
+  export.add_argument('--workdir', required=True)
+  export.add_argument('--out', required=True, help='a folder (or a .safetensors file: DiT)')
+  export.add_argument('--format', default=None,
+                      help='dit: facebook (default) or diffusers; the rest have one')
+  export.add_argument('--raw', action='store_true', help='the raw params, not the EMA')
+  export.add_argument('--step', type=int, default=None, help='default: the latest checkpoint')
   evaluate = sub.add_parser('eval', help='run the experiment\'s evaluators on the latest checkpoint')
   evaluate.add_argument('--workdir', required=True)
   latents = sub.add_parser('latents', help="encode a latent-diffusion experiment's dataset "
@@ -130,8 +151,8 @@ def main(argv=None):
   # Our own progress at INFO; the libraries' (Orbax, absl) only when something is wrong.
   logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s: %(message)s')
   logging.getLogger('zoo').setLevel(logging.INFO)
-  if overrides and args.command not in ('train', 'latents'):
-    raise SystemExit('--config.* overrides apply to `zoo train` and `zoo latents` only')
+  if overrides and args.command not in ('train', 'latents', 'convert'):
+    raise SystemExit('--config.* overrides apply to `zoo train`, `zoo latents` and `zoo convert`')
   # Imported after parsing: `zoo --help` should not wait for JAX.
   from zoo import config as zoo_config
   from zoo import runs
@@ -183,6 +204,15 @@ def main(argv=None):
                         step=args.step)
       for question, answer in zip(args.questions or [''], answers):
         print(f'{question} -> {answer}' if question else answer)
+    elif args.command in ('convert', 'export'):
+      from zoo.convert import workdir as convert_workdir
+      if args.command == 'convert':
+        convert_workdir.convert(args.kind, args.source, args.out, experiment=args.config,
+                                overrides=overrides, base=args.base, num_heads=args.num_heads)
+        print(args.out)
+      else:
+        print('\n'.join(convert_workdir.export(args.workdir, args.out, fmt=args.format,
+                                               use_ema=not args.raw, step=args.step)))
     elif args.command == 'latents':
       from zoo import latents
       builder = latents.precompute(zoo_config.load(args.config, overrides), args.out,

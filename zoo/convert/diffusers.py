@@ -48,3 +48,38 @@ def nest(items):
 def state_dict_to_params(state_dict):
   """A nested zoo params dict from a flat diffusers `{name: array}` state dict."""
   return nest(convert_key(key, value) for key, value in state_dict.items())
+
+
+# diffusers `nn.ModuleList` / `nn.Sequential` attributes: `down_blocks.0` <-> zoo `down_blocks_0`.
+# Any other `name_N` (`time_embedding.linear_1`) is a plain attribute name on both sides.
+LISTS = ('down_blocks', 'up_blocks', 'resnets', 'attentions', 'downsamplers', 'upsamplers',
+         'transformer_blocks', 'to_out', 'net', 'controlnet_down_blocks', 'blocks')
+
+
+def torch_key(path, value):
+  """(diffusers name, PyTorch-layout value): `convert_key` backwards, for `zoo export`."""
+  *modules, leaf = path
+  names = []
+  for part in modules:
+    head, _, index = part.rpartition('_')
+    names.append(f'{head}.{index}' if head in LISTS and index.isdigit() else part)
+  value = np.asarray(value)
+  if leaf == 'kernel':
+    value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+  leaf = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight'}.get(leaf, leaf)
+  return '.'.join((*names, leaf)), np.asarray(value, order='C')
+
+
+def params_to_state_dict(params):
+  """A flat diffusers `{name: numpy array}` state dict from nested zoo params."""
+  flat = {}
+
+  def visit(node, path):
+    for key, child in node.items():
+      if isinstance(child, dict):
+        visit(child, (*path, key))
+      else:
+        name, value = torch_key((*path, key), child)
+        flat[name] = value
+  visit(params, ())
+  return flat

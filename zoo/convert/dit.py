@@ -168,5 +168,43 @@ def to_facebook(params):
     value = np.asarray(value)
     if path[-1] == 'kernel':
       value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-    out[facebook_name(path)] = np.ascontiguousarray(value)
+    out[facebook_name(path)] = np.asarray(value, order='C')
+  return out
+
+
+def pos_embed(model_kwargs):
+  """facebookresearch/DiT's frozen `pos_embed` buffer (1 x N x D) for these DiT fields."""
+  model = dit.DiT(**model_kwargs)
+  return dit.sincos_pos_embed(model.hidden_size, model.input_size // model.patch_size)[None]
+
+
+def to_diffusers(params):
+  """diffusers DiTTransformer2DModel state dict from nested zoo DiT params.
+
+  The inverse of `from_diffusers`: `qkv` splits into to_q / to_k / to_v and the shared
+  timestep / label embedders are copied into every block's `norm1.emb`.
+  """
+  fb = to_facebook(params)
+  depth = 1 + max(int(k.split('.')[1]) for k in fb if k.startswith('blocks.'))
+  out = {}
+  for key, value in fb.items():
+    for diffusers_prefix, facebook_prefix, slot in NAME_TABLE:
+      match = _prefix_regex(facebook_prefix).match(key)
+      if not match:
+        continue
+      rest = key[match.end():]
+      if match.groups():
+        block = int(match.group(1))
+        if slot is not None:
+          value_slot = np.split(value, 3, axis=0)['qkv'.index(slot)]
+          out[diffusers_prefix.format(block) + rest] = np.asarray(value_slot, order='C')
+          continue
+        out[diffusers_prefix.format(block) + rest] = value
+      elif diffusers_prefix.startswith(_EMB):
+        for block in range(depth):
+          out[diffusers_prefix.format(block) + rest] = value
+      else:
+        out[diffusers_prefix + rest] = value
+    if not any(_prefix_regex(f).match(key) for _, f, _ in NAME_TABLE):
+      raise ValueError(f'zoo DiT param {key!r} has no diffusers DiTTransformer2DModel name')
   return out

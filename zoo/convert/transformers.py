@@ -137,6 +137,34 @@ def siglip_config(hf_config) -> dict:
               logit_bias_init=dual_encoder.SIGLIP_LOGIT_BIAS)
 
 
+def hf_config(kwargs) -> dict:
+  """The HF config.json (`CLIPConfig` / `SiglipConfig`) of zoo DualEncoder kwargs: the inverse
+  of `clip_config` / `siglip_config`, for `zoo export`."""
+  acts = {}
+  for hf, ours in ACTS.items():
+    acts.setdefault(ours, hf)
+  image, txt, kind = kwargs['image'], kwargs['text'], kwargs['kind']
+  if kind not in ('clip', 'siglip'):
+    raise ValueError(f'a {kind!r} dual encoder has no transformers equivalent (clip, siglip)')
+
+  def tower(kw):
+    return dict(hidden_size=kw['width'], num_hidden_layers=kw['depth'],
+                num_attention_heads=kw['num_heads'], intermediate_size=kw['mlp_dim'],
+                hidden_act=acts[kw['act']], layer_norm_eps=kw['norm_eps'])
+  vision = tower(image) | dict(image_size=image['image_size'], patch_size=image['patch_size'],
+                               num_channels=image['in_channels'])
+  text_cfg = tower(txt) | dict(vocab_size=txt['vocab_size'],
+                               max_position_embeddings=txt['max_len'],
+                               eos_token_id=txt['eos_token_id'])
+  if kind == 'clip':
+    return dict(model_type='clip', architectures=['CLIPModel'], projection_dim=kwargs['embed_dim'],
+                logit_scale_init_value=kwargs['logit_scale_init'], vision_config=vision,
+                text_config=text_cfg)
+  text_cfg['projection_size'] = txt['head_dim']
+  return dict(model_type='siglip', architectures=['SiglipModel'], vision_config=vision,
+              text_config=text_cfg)
+
+
 def hf_name(path) -> str:
   """The HF key of a zoo DualEncoder param path (`vision_model/encoder/layers_0/mlp/fc1/kernel`)."""
   *modules, leaf = path
@@ -229,10 +257,10 @@ def to_hf_dual(params) -> dict:
       value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
     if path in (('logit_scale',), ('logit_bias',)):
       value = value.reshape((1,) if siglip else ())
-    out[hf_name(path)] = np.ascontiguousarray(value)
+    out[hf_name(path)] = np.asarray(value, order='C')
   for leaf, parts in in_proj.items():
     fused = np.concatenate([parts[n].T if leaf == 'kernel' else parts[n] for n in 'qkv'], axis=0)
-    out[MAP_IN_PROJ + ('weight' if leaf == 'kernel' else 'bias')] = fused
+    out[MAP_IN_PROJ + ('weight' if leaf == 'kernel' else 'bias')] = np.asarray(fused, order='C')
   return out
 
 
