@@ -15,7 +15,8 @@ Arguments: smoke (bool, a seconds-long run on `tinysingle32`), steps (int, 0 = d
 size ('T' = 4 blocks of width 128, the default; 'S' = 6 blocks of width 256), patch (int,
 4 = the default; 2 gives 256 tokens and ~4.5x slower steps: 3000 steps took 54 minutes here,
 reached a training loss of 0.009 against 0.025, yet its samples were no better judged by the
-scorer: colours right, shapes still amorphous).
+scorer: colours right, shapes still amorphous), builder_config ('' = single32 / tinysingle32;
+`single32_noheart` trains the base that experiments/lora_shapes.py teaches hearts).
 """
 
 from zoo import config as zoo_config
@@ -30,14 +31,15 @@ GRID_LABELS = tuple(i * 8 + i for i in range(8))
 
 
 def get_config(arg=None):
-  arg = zoo_config.parse_arg(arg, smoke=False, steps=0, size='T', patch=4)
+  arg = zoo_config.parse_arg(arg, smoke=False, steps=0, size='T', patch=4, builder_config='')
   zoo_config.check_choice(arg.size, SIZES, 'dit_shapes size')
   config = ConfigDict()
   config.seed = 0
 
   config.data = ConfigDict(dict(
       name='shapes', data_dir=None, resolution=32, image_key='image', label_key='shape_colour',
-      builder_config='tinysingle32' if arg.smoke else 'single32', train_split='train',
+      builder_config=arg.builder_config or ('tinysingle32' if arg.smoke else 'single32'),
+      train_split='train',
       eval_split='validation', features=()))
 
   config.model = models.config(

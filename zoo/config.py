@@ -22,6 +22,7 @@ _TOP = {
     'seed': int, 'model': ConfigDict, 'task': ConfigDict, 'data': ConfigDict,
     'optim': ConfigDict, 'evals': ConfigDict, 'train': ConfigDict, 'mesh': ConfigDict,
     'sharding_rules': ConfigDict, 'init_from': str, 'distributed': ConfigDict,
+    'lora': ConfigDict,
 }
 _SECTIONS = {
     'train': {
@@ -177,7 +178,7 @@ def validate(config):
   unknown = set(config.keys()) - set(_TOP)
   if unknown:
     raise ValueError(f'unknown top-level config key(s) {sorted(unknown)}; allowed: {sorted(_TOP)}')
-  missing = set(_TOP) - {'init_from', 'distributed'} - set(config.keys())
+  missing = set(_TOP) - {'init_from', 'distributed', 'lora'} - set(config.keys())
   if missing:
     raise ValueError(f'config is missing {sorted(missing)}')
   check_keys(config, 'config', {k: _TOP[k] for k in config.keys()})

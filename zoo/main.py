@@ -12,7 +12,7 @@
   zoo search INDEX "a small red star." [-k 5] [--image PATH] [--json] [--out top.png]
   zoo ask    --workdir DIR --image IMG.png "how many red shapes are there?" [--decoding beam]
   zoo convert --from KIND --in PATH --out DIR [--config EXP.py[:args]] [--base DIR]
-  zoo export --workdir DIR --out PATH [--format F] [--raw]
+  zoo export --workdir DIR --out PATH [--format F] [--raw] [--lora]
 """
 
 import argparse
@@ -42,6 +42,8 @@ def _parser():
   sample.add_argument('--negative-prompt', default=None,
                       help="what guidance steers away from (default: the experiment's, usually '')")
   sample.add_argument('--seed', type=int, default=0)
+  sample.add_argument('--lora', default=None,
+                      help='a LoRA .safetensors file to merge into the run (zoo export --lora)')
   sample.add_argument('--upscale', type=int, default=4)
   sample.add_argument('--mode', choices=('sample', 'inpaint', 'outpaint'), default='sample',
                       help='inpaint: regenerate --image where --mask is white; outpaint: grow '
@@ -114,6 +116,8 @@ def _parser():
                       help='dit: facebook (default) or diffusers; the rest have one')
   export.add_argument('--raw', action='store_true', help='the raw params, not the EMA')
   export.add_argument('--step', type=int, default=None, help='default: the latest checkpoint')
+  export.add_argument('--lora', action='store_true',
+                      help="a LoRA run's adapters alone (OUT.safetensors), not the merged model")
   evaluate = sub.add_parser('eval', help='run the experiment\'s evaluators on the latest checkpoint')
   evaluate.add_argument('--workdir', required=True)
   latents = sub.add_parser('latents', help="encode a latent-diffusion experiment's dataset "
@@ -185,7 +189,7 @@ def main(argv=None):
       runs.sample(args.workdir, args.out, num=args.num, labels=args.label, sampler=args.sampler,
                   steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                   upscale=args.upscale, prompts=args.prompt,
-                  negative_prompt=args.negative_prompt)
+                  negative_prompt=args.negative_prompt, lora=args.lora)
       print(args.out)
     elif args.command == 'generate':
       from zoo.pipelines import generate
@@ -212,7 +216,8 @@ def main(argv=None):
         print(args.out)
       else:
         print('\n'.join(convert_workdir.export(args.workdir, args.out, fmt=args.format,
-                                               use_ema=not args.raw, step=args.step)))
+                                               use_ema=not args.raw, step=args.step,
+                                               lora_only=args.lora)))
     elif args.command == 'latents':
       from zoo import latents
       builder = latents.precompute(zoo_config.load(args.config, overrides), args.out,

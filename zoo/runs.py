@@ -56,14 +56,19 @@ def evaluate(workdir, step=None):
 
 def sample(workdir, out, *, num=16, labels=None, sampler=None, steps=None,
            guidance_scale=None, seed=0, use_ema=True, upscale=4, prompts=None,
-           negative_prompt=None):
+           negative_prompt=None, lora=None):
   """Generates `num` images from a run and writes a PNG grid to `out`.
 
   Class-conditional runs cycle through `labels` (default: every class), one column per
-  class; text-to-image runs draw `num` images per prompt, one row per prompt.
+  class; text-to-image runs draw `num` images per prompt, one row per prompt. `lora`: a LoRA
+  .safetensors file (`zoo export --lora`, or a diffusers U-Net LoRA) merged into the params.
   """
   config, s, state = load(workdir)
   params = state['ema_params' if use_ema else 'params']
+  if lora:
+    from zoo.nn import lora as lora_lib  # Only for runs sampled with adapters.
+    adapters, rank, alpha = lora_lib.load(lora, params)
+    params = lora_lib.merge(params, adapters, alpha / rank)
   rng = jax.random.PRNGKey(seed)
   kwargs = dict(sampler=sampler, steps=steps, guidance_scale=guidance_scale)
   if 'sample' not in s.task.predict:

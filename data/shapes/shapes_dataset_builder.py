@@ -156,6 +156,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                    resolution=32, num_train=512, num_validation=64, num_test=64, num_held_out=64,
                    max_objects=1, backgrounds=('plain',), p_person=0.0, p_sign=0.0)
   ] + [
+      # A shape the model never saw, for LoRA fine-tuning (experiments/lora_shapes.py): the
+      # single-object scenes without hearts, and hearts alone (labels stay the global ids).
+      ShapesConfig(name='single32_noheart', description="single32 without 'heart'.",
+                   resolution=32, max_objects=1, backgrounds=('plain',), p_person=0.0,
+                   p_sign=0.0, shapes=tuple(s for s in grammar.SHAPES if s != 'heart')),
+      ShapesConfig(name='single32_heart', description="single32 of 'heart' alone, 1000/256/256/"
+                   '64 examples.', resolution=32, num_train=1000, num_validation=256,
+                   num_test=256, num_held_out=64, max_objects=1, backgrounds=('plain',),
+                   p_person=0.0, p_sign=0.0, shapes=('heart',)),
+  ] + [
       ShapesConfig(name=f'res32_noise{p}', description=f'res32 with {p}% of the train examples '
                    "carrying another train example's captions (the paired-data quality sweep).",
                    resolution=32, caption_noise=p / 100)

@@ -22,6 +22,7 @@ from zoo import config as zoo_config
 from zoo import models
 from zoo import train
 from zoo.convert import hub
+from zoo.nn import lora
 
 log = logging.getLogger('zoo')
 
@@ -171,16 +172,30 @@ def kind_of(config, workdir):
   return kind, hub.KINDS[kind][1]
 
 
-def export(workdir, out, *, fmt=None, use_ema=True, step=None):
-  """Writes a run's params as safetensors (+ config.json) in its kind's public naming."""
+def export(workdir, out, *, fmt=None, use_ema=True, step=None, lora_only=False):
+  """Writes a run's params as safetensors (+ config.json) in its kind's public naming.
+
+  A LoRA run exports its merged model, or with `lora_only` its adapters alone (one
+  .safetensors file; the diffusers / PEFT naming for U-Nets, see zoo/nn/lora.py).
+  """
   from zoo import runs  # A run's loader builds on train / data; imported when needed.
-  config, _, state = runs.load(workdir, step)
+  config, s, state = runs.load(workdir, step)
+  params = jax.device_get(state['ema_params' if use_ema else 'params'])
+  if lora_only:
+    if 'lora' not in config:
+      raise ValueError(f'--lora: {workdir} is not a LoRA run (no config.lora)')
+    if not out.endswith('.safetensors'):
+      raise ValueError(f'--out {out}: LoRA adapters go into one .safetensors file')
+    lora.save(out, params['lora'], rank=config.lora.rank, alpha=config.lora.alpha,
+              naming='diffusers' if config.model.name == 'unet' else 'zoo')
+    return [out]
+  if 'lora' in config:
+    params = s.task.merged_params(params)
   kind, default_fmt = kind_of(config, workdir)
   fmt = fmt or default_fmt
   allowed = {'dit': ('facebook', 'diffusers')}.get(kind, (hub.KINDS[kind][1],))
   if fmt not in allowed:
     raise ValueError(f'--format {fmt!r}: a {kind} run exports as {" or ".join(allowed)}')
-  params = jax.device_get(state['ema_params' if use_ema else 'params'])
   where = TASKS.get(config.task.name, ((), ''))[1]
   params = params[where] if where else params
   paths = hub.write(kind, models.kwargs(config.model), params, out, fmt)

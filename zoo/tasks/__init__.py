@@ -7,6 +7,7 @@ from zoo.tasks import controlnet
 from zoo.tasks import diffusion
 from zoo.tasks import distill
 from zoo.tasks import inpaint
+from zoo.tasks import lora
 from zoo.tasks import text_to_image
 from zoo.tasks import vae
 from zoo.tasks import vlm
@@ -34,8 +35,13 @@ def _task_class(name):
 def check_config(config):
   """Validates `config.task` and `config.model` (the task knows which models it drives)."""
   _task_class(config.task.get('name', None)).check_config(config)
+  if 'lora' in config:
+    lora.check_config(config)
 
 
 def build(config):
   """The task object for an experiment: `init`, `loss` and named `predict` functions."""
-  return _task_class(config.task.name)(config)
+  task = _task_class(config.task.name)(config)
+  if 'lora' in config:
+    return lora.LoRATask(task, config.lora)
+  return task
