@@ -13,6 +13,7 @@
   zoo ask    --workdir DIR --image IMG.png "how many red shapes are there?" [--decoding beam]
   zoo convert --from KIND --in PATH --out DIR [--config EXP.py[:args]] [--base DIR]
   zoo export --workdir DIR --out PATH [--format F] [--raw] [--lora]
+  zoo models [--model NAME ...] [--flops] [--json OUT.json]
 """
 
 import argparse
@@ -118,6 +119,13 @@ def _parser():
   export.add_argument('--step', type=int, default=None, help='default: the latest checkpoint')
   export.add_argument('--lora', action='store_true',
                       help="a LoRA run's adapters alone (OUT.safetensors), not the merged model")
+  table = sub.add_parser('models', help='architectures, presets and experiment models with '
+                         'parameter counts (and FLOPs per example)')
+  table.add_argument('--flops', action='store_true',
+                     help="add XLA's FLOPs per example (traces every model: ~2 minutes here)")
+  table.add_argument('--json', default=None, help='also write the rows as JSON')
+  table.add_argument('--model', action='append', default=None,
+                     help='only this model (unet, dit, vae, ...); repeat for several')
   evaluate = sub.add_parser('eval', help='run the experiment\'s evaluators on the latest checkpoint')
   evaluate.add_argument('--workdir', required=True)
   latents = sub.add_parser('latents', help="encode a latent-diffusion experiment's dataset "
@@ -218,6 +226,13 @@ def main(argv=None):
         print('\n'.join(convert_workdir.export(args.workdir, args.out, fmt=args.format,
                                                use_ema=not args.raw, step=args.step,
                                                lora_only=args.lora)))
+    elif args.command == 'models':
+      from zoo.models import table
+      rows = table.rows(flops=args.flops, names=tuple(args.model or ()))
+      print(table.markdown(rows))
+      if args.json:
+        with open(args.json, 'w') as f:
+          json.dump(rows, f, indent=2)
     elif args.command == 'latents':
       from zoo import latents
       builder = latents.precompute(zoo_config.load(args.config, overrides), args.out,
