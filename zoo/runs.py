@@ -34,10 +34,18 @@ def load(workdir, step=None):
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoint in {directory}')
-  spec = data_lib.get_dataset(config.data, split=config.data.train_split, seed=0,
-                              global_batch_size=config.train.batch_size).spec()
-  s = train.setup(config, spec)
+  key = zoo_config.to_json(config)
+  if key not in _SETUPS:
+    spec = data_lib.get_dataset(config.data, split=config.data.train_split, seed=0,
+                                global_batch_size=config.train.batch_size).spec()
+    _SETUPS[key] = train.setup(config, spec)
+  s = _SETUPS[key]
   return config, s, checkpoint.load_weights(directory, s.abstract_state, step)
+
+
+# One Setup per config in a process: a notebook sampling a run again and again reuses the same
+# task object, so the jitted samplers (keyed on it) compile once per setting.
+_SETUPS = {}
 
 
 def evaluate(workdir, step=None):

@@ -369,3 +369,28 @@ def contact_sheet(index_path, results, out, *, size=128):
   images = [np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x for x in images]
   return metrics.save_image_grid((np.stack(images) + 1.0) / 2.0, out, ncols=len(images),
                                  upscale=max(1, size // resolution))
+
+
+def zero_shot(workdir, image, classes, *, templates=('a {}.',), use_ema=True):
+  """Zero-shot classification of the image file `image` with a dual-encoder run: one
+  (class, probability) pair per class, best first. Each class is the normalised mean of its
+  `templates` prompts' embeddings (CLIP's prompt ensembling); probabilities are the softmax
+  of the run's scaled cosine logits (a SigLIP run's sigmoid probabilities do not sum to 1)."""
+  from zoo.evals import zero_shot as zero_shot_lib  # The evaluator's prompt ensembling.
+  if not classes:
+    raise ValueError('zero_shot needs at least one class name')
+  run = load_run(workdir, use_ema=use_ema)
+  prompts = [t.format(c) for c in classes for t in templates]
+  text_KxTxE = embedding.encode_texts(run.task, run.params, prompts, 64, run.mesh).reshape(
+      len(classes), len(templates), -1)
+  classes_KxE = zero_shot_lib.class_embeddings(text_KxTxE)
+  image_E = _query(run, None, image)[0]
+  scale = float(np.exp(np.asarray(jax.device_get(run.params['logit_scale']))))
+  logits_K = scale * classes_KxE @ image_E
+  if run.config.model.kind == 'siglip':
+    bias = float(np.asarray(jax.device_get(run.params['logit_bias'])).reshape(()))
+    probs_K = 1.0 / (1.0 + np.exp(-(logits_K + bias)))
+  else:
+    probs_K = np.exp(logits_K - logits_K.max())
+    probs_K = probs_K / probs_K.sum()
+  return sorted(zip(classes, probs_K.tolist()), key=lambda pair: -pair[1])

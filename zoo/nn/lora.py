@@ -68,16 +68,6 @@ def check(params, rank, targets):
   return found
 
 
-def _nest(items):
-  tree = {}
-  for path, value in items:
-    node = tree
-    for part in path[:-1]:
-      node = node.setdefault(part, {})
-    node[path[-1]] = value
-  return tree
-
-
 def init(rng, params, rank, targets):
   """Fresh adapters for the matched kernels of `params` (arrays or ShapeDtypeStructs)."""
   found = targets_of(params, targets)
@@ -88,7 +78,7 @@ def init(rng, params, rank, targets):
     items.append(((*path[:-1], 'lora_a'),
                   jax.random.uniform(key, (fan_in, rank), jnp.float32, -bound, bound)))
     items.append(((*path[:-1], 'lora_b'), jnp.zeros((rank, fan_out), jnp.float32)))
-  return _nest(items)
+  return diffusers_convert.nest(items)
 
 
 def _pairs(adapters):
@@ -194,4 +184,4 @@ def load(path, params):
     raise ValueError(f'{path}: no `*.lora_A.weight` keys')
   meta = json.loads(metadata.get(METADATA_KEY, '{}'))
   alpha = meta.get('unet.lora_alpha', meta.get('lora_alpha', rank))
-  return _nest(items), rank, float(alpha)
+  return diffusers_convert.nest(items), rank, float(alpha)
