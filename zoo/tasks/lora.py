@@ -25,7 +25,9 @@ def check_config(config):
   base = config.lora.base_from
   if not base:
     raise ValueError('config.lora.base_from must name the run whose model LoRA adapts')
-  theirs = zoo_config.run_config(base, 'config.lora.base_from', 'train the base run first')
+  theirs = zoo_config.existing_run_config(base)
+  if theirs is None:  # Not trained yet: loading its checkpoint at step 0 names the path.
+    return
   if theirs.model.to_dict() != config.model.to_dict():
     differ = sorted(k for k in set(theirs.model) | set(config.model)
                     if theirs.model.get(k) != config.model.get(k))
