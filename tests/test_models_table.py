@@ -36,10 +36,9 @@ def test_cli_lists_presets_and_experiments(capsys, tmp_path):
   experiments = table._experiment_models()
   assert experiments['quickstart.py'][0] == 'unet'
   assert experiments['quickstart.py'][1] == models.kwargs(models.config('unet', 'digits'))
-  assert zoo_main.main(['models', '--model', 'unet', '--model', 'vae', '--json',
-                        str(tmp_path / 'models.json')]) == 0
+  assert zoo_main.main(['models', '--model', 'vae', '--json', str(tmp_path / 'models.json')]) == 0
   out = capsys.readouterr().out
-  assert '| unet | digits | 2,504,257 | `quickstart.py` |' in out
+  assert '| vae | sd | 83,653,863 | — |' in out
   assert '| vae | — | 681,911 | `vae_shapes.py` |' in out
-  assert '| dit |' not in out
+  assert '| unet |' not in out
   assert zoo_main.main(['models', '--model', 'resnet']) == 2
