@@ -14,6 +14,7 @@
   zoo convert --from KIND --in PATH --out DIR [--config EXP.py[:args]] [--base DIR]
   zoo export --workdir DIR --out PATH [--format F] [--raw] [--lora]
   zoo models [--model NAME ...] [--flops] [--json OUT.json]
+  zoo bench  [--families F,...] [--sizes bench,smoke] [--flax-python PY] [--markdown MD] (--help)
 """
 
 import argparse
@@ -152,12 +153,22 @@ def _parser():
   search.add_argument('--json', action='store_true', help='print the results as JSON')
   search.add_argument('--out', default=None, help='also write a PNG contact sheet of the results')
   search.add_argument('--workdir', default=None, help="the run (default: the index's own)")
+  sub.add_parser('bench', add_help=False, help='speed against the PyTorch / Flax references, '
+                 'MFU, scaling, sampler overhead (`zoo bench --help`: zoo/bench/perf.py)')
   return parser
 
 
 def main(argv=None):
   """Entry point; returns a process exit code."""
   argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ['bench']:  # Its own flags (zoo/bench/perf.py).
+    from zoo.bench import perf
+    try:
+      perf.main(argv[1:])
+    except ValueError as e:
+      print(f'zoo bench: error: {e}', file=sys.stderr)
+      return 2
+    return 0
   overrides = [a for a in argv if a.startswith('--config.')]
   args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
   # Our own progress at INFO; the libraries' (Orbax, absl) only when something is wrong.

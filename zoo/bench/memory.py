@@ -118,16 +118,7 @@ def _step_fns(module, channels: int):
 
 
 def _stats(compiled, seconds: float) -> dict[str, float]:
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out = {'argument_bytes': mem.argument_size_in_bytes, 'output_bytes': mem.output_size_in_bytes,
-         'temp_bytes': mem.temp_size_in_bytes, 'alias_bytes': mem.alias_size_in_bytes}
-  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes'] + out['temp_bytes']
-                       - out['alias_bytes'])
-  out['flops'] = float(cost.get('flops', 0.0))
-  out['compile_seconds'] = round(seconds, 2)
-  return out
+  return {**bench.xla_stats(compiled), 'compile_seconds': round(seconds, 2)}
 
 
 def measure(case: Case, compiler_options: dict | None = None) -> dict[str, Any]:

@@ -21,8 +21,6 @@ import argparse
 import json
 import math
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -56,23 +54,13 @@ def _model_config(fusion, mitigation, image_size=32):
 
 
 def _stats(compiled, batch):
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-          - mem.alias_size_in_bytes)
-  return {'gflops_per_example': float(cost.get('flops', 0.0)) / batch / 1e9,
-          'peak_mib': peak / 2 ** 20}
+  stats = bench.xla_stats(compiled)
+  return {'gflops_per_example': stats['flops'] / batch / 1e9,
+          'peak_mib': stats['peak_bytes'] / 2 ** 20}
 
 
 def _time(fn, args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return bench.median_seconds(lambda: fn(*args), repeats, warmup=1)
 
 
 def cost_row(fusion, mitigation, batch=64, repeats=5):

@@ -149,7 +149,8 @@ def hf_config(kwargs) -> dict:
 
   def tower(kw):
     return dict(hidden_size=kw['width'], num_hidden_layers=kw['depth'],
-                num_attention_heads=kw['num_heads'], intermediate_size=kw['mlp_dim'],
+                num_attention_heads=kw['num_heads'],
+                intermediate_size=kw['mlp_dim'] or 4 * kw['width'],  # 0 = 4 x width.
                 hidden_act=acts[kw['act']], layer_norm_eps=kw['norm_eps'])
   vision = tower(image) | dict(image_size=image['image_size'], patch_size=image['patch_size'],
                                num_channels=image['in_channels'])
