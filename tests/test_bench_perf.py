@@ -174,3 +174,12 @@ def test_profile_attributes_the_step_to_its_instructions():
   text = profile.markdown({'command': 'python -m zoo.bench.profile', 'profiles': [p],
                            'conv': {'zoo flags': rates}})
   assert '## vae (smoke size)' in text and '| 1 × 8² × 4 |' in text
+
+
+def test_flax_peer_environment_drops_zoo_only_flags(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                     '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT')
+  monkeypatch.setenv('PYTHONPATH', '/somewhere')
+  env = peers.peer_env()
+  assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8'
+  assert 'PYTHONPATH' not in env

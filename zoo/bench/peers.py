@@ -149,11 +149,19 @@ def torch_matmul_peak(n=2048, repeats=5):
   return 2 * n ** 3 / seconds
 
 
+def peer_env():
+  """The environment for another venv's interpreter: no PYTHONPATH, no zoo-only XLA flag (an
+  older jaxlib aborts on flags it does not know)."""
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                              if 'xla_cpu_experimental_ynn_fusion_type' not in f)
+  return env
+
+
 def flax_measure(case, python, repeats=5, warmup=2, timeout=1800):
   """Runs `flax_peer.py` under another interpreter (its venv holds the old Flax libraries)."""
   proc = subprocess.run([python, FLAX_PEER, json.dumps(spec(case)), str(repeats), str(warmup)],
-                        capture_output=True, text=True, timeout=timeout,
-                        env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+                        capture_output=True, text=True, timeout=timeout, env=peer_env())
   if proc.returncode:
     raise RuntimeError(f'{case.family} flax peer failed ({python}):\n{proc.stderr[-3000:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -161,6 +161,7 @@ def parse_args(argv):
   parser.add_argument('--out', default='bench.json', help='JSON report')
   parser.add_argument('--markdown', default=None, help='write BENCHMARKS.md here')
   parser.add_argument('--plot', default=None, help='PNG of the sweeps')
+  parser.add_argument('--note', default='', help='a paragraph for BENCHMARKS.md (conditions)')
   parser.add_argument('--from-json', default=None,
                       help='render the tables / markdown / plot of a saved report (no timing)')
   args = parser.parse_args(argv)
@@ -197,7 +198,7 @@ def _outputs(report, args, write_json=True):
   if args.plot and 'sweeps' in report:
     scaling.plot(report['sweeps'], args.plot)
   if args.markdown:
-    perf_report.write_markdown(report, args.markdown, plot=args.plot)
+    perf_report.write_markdown(report, args.markdown, plot=args.plot, preface=args.note)
   return report
 
 
