@@ -65,7 +65,9 @@ def test_latents_are_the_vae_posterior_of_each_record(written):
   params = latents._load_vae(task, batch['image'].shape[1:])
   mean, logvar = task.vae.apply({'params': params}, batch['image'], method='encode')
   assert batch['moments'].shape == (16, *task.image_shape[:2], 2 * task.image_shape[2])
-  np.testing.assert_allclose(batch['moments'], np.concatenate([mean, logvar], -1), atol=1e-5)
+  # Written at another batch size: XLA:CPU's convolutions block the work differently, so the
+  # float32 sums differ in their last bits (up to ~6e-5 through the encoder's layers).
+  np.testing.assert_allclose(batch['moments'], np.concatenate([mean, logvar], -1), atol=1e-4)
   # Without the per-batch encoder the loss is the same, for the same random draws.
   s = train.setup(config, {k: (v.shape, v.dtype) for k, v in batch.items()})
   state = s.init(jax.random.PRNGKey(0))
