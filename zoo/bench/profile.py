@@ -9,7 +9,7 @@ with `jax.profiler.ProfileData`; every executed HLO instruction's time is summed
 dot, fusions by XLA's name for what they fuse, copy / transpose, other) and the top
 instructions are listed with their share.
 Then `flax_peer.conv_rates` (3x3 convolutions at the VAE / U-Net level shapes: forward, input
-gradient, weight gradient, GFLOP/s) in fresh processes: with zoo's XLA flags (`zoo.YNN_FLAG`),
+gradient, weight gradient, GFLOP/s) in fresh processes: with `zoo.YNN_FLAG` (ZOO_CPU_CONV=eigen),
 with jaxlib's defaults and, with `--flax-python`, under the jax of the Flax-peer venv (the same
 XLA programs on an older XLA:CPU).
 """
@@ -110,7 +110,7 @@ def conv_comparison(flax_python=None):
   Flax-peer venv's older jax, each in a fresh process."""
   base = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
                   if 'xla_cpu_experimental_ynn_fusion_type' not in f)
-  out = {'zoo flags': _conv_rates_under(sys.executable, f'{base} {zoo.YNN_FLAG}'.strip()),
+  out = {'ZOO_CPU_CONV=eigen': _conv_rates_under(sys.executable, f'{base} {zoo.YNN_FLAG}'.strip()),
          'jaxlib defaults': _conv_rates_under(sys.executable, base)}
   if flax_python:
     out['flax venv'] = _conv_rates_under(flax_python, base)
