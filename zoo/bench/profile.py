@@ -110,7 +110,8 @@ def conv_comparison(flax_python=None):
   Flax-peer venv's older jax, each in a fresh process."""
   base = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
                   if 'xla_cpu_experimental_ynn_fusion_type' not in f)
-  out = {'ZOO_CPU_CONV=eigen': _conv_rates_under(sys.executable, f'{base} {zoo.YNN_FLAG}'.strip()),
+  eigen = f'{base} {zoo.YNN_FLAG}'.strip()
+  out = {'ZOO_CPU_CONV=eigen': _conv_rates_under(sys.executable, eigen),
          'jaxlib defaults': _conv_rates_under(sys.executable, base)}
   if flax_python:
     out['flax venv'] = _conv_rates_under(flax_python, base)
