@@ -5,11 +5,14 @@ import os
 import tempfile
 
 # Must happen before JAX is imported anywhere: sharding tests need 8 devices. Tests are
-# dominated by XLA compile time on 2 cores, so trade run-time speed for compile speed, and share
-# compiled programs between tests and the `zoo` subprocesses through a persistent cache.
+# dominated by XLA compile time on 2 cores, so trade run-time speed for compile speed (LLVM at
+# -O0; XLA:CPU's older elementwise emitters compile a U-Net train step in ~60% of the time of
+# its fusion emitters and run it ~10% slower), and share compiled programs between tests and
+# the `zoo` subprocesses through a persistent cache.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8'
-                           ' --xla_backend_optimization_level=0').strip()
+                           ' --xla_backend_optimization_level=0'
+                           ' --xla_cpu_use_fusion_emitters=false').strip()
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='zoo_xla_cache_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -98,15 +101,29 @@ def perturbed_hf_model(cls, config, seed=0):
 
 
 @pytest.fixture(scope='session')
-def shapes_diffusion_run(tmp_path_factory):
-  """(workdir, final state) of experiments/shapes_diffusion.py:smoke=True (20 steps, 1 device).
+def shapes_diffusion_run(tmp_path_factory, worker_id):
+  """(workdir, config, final state) of experiments/shapes_diffusion.py:smoke=True (20 steps, 1
+  device), trained once per test session: pytest-xdist's workers share it under a file lock.
 
-  Shared: the engine test checks it, the ControlNet tests control it.
+  Shared: the engine test checks it, the ControlNet, distillation, LoRA, inpainting, generation
+  and notebook tests build on it (read-only).
   """
+  import fcntl
   from zoo import config as zoo_config
+  from zoo import runs
   from zoo import train
-  workdir = tmp_path_factory.mktemp('shapes_diffusion')
-  config = zoo_config.load(os.path.join(REPO, 'experiments', 'shapes_diffusion.py:smoke=True'),
-                           ['--config.evals.samples.per_label=1', '--config.mesh.data=1',
-                            '--config.train.progress_bar=false'])
-  return workdir, config, train.train_and_evaluate(config, str(workdir))
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != 'master':
+    root = root.parent  # The session's directory, above each worker's own.
+  workdir = root / 'shapes_diffusion'
+  with open(root / 'shapes_diffusion.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if (workdir / 'trained').exists():
+      config, _, state = runs.load(str(workdir))
+      return workdir, config, state
+    config = zoo_config.load(os.path.join(REPO, 'experiments', 'shapes_diffusion.py:smoke=True'),
+                             ['--config.evals.samples.per_label=1', '--config.mesh.data=1',
+                              '--config.train.progress_bar=false'])
+    state = train.train_and_evaluate(config, str(workdir))
+    (workdir / 'trained').touch()
+    return workdir, config, state

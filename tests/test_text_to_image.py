@@ -176,10 +176,10 @@ def test_text_to_image_inpainting(pixel_run):
 
 def test_latent_run_freezes_the_vae_it_loads(tmp_path):
   vae_dir, ldm_dir = str(tmp_path / 'vae'), str(tmp_path / 'ldm')
-  vae_config = zoo_config.load(f'{VAE}:smoke=True,steps=4', QUIET)
+  vae_config = zoo_config.load(f'{VAE}:smoke=True,steps=2', QUIET)
   vae_config.evals = zoo_config.ConfigDict()
   train.train_and_evaluate(vae_config, vae_dir)
-  config = zoo_config.load(f'{LDM}:smoke=True,steps=4,vae={vae_dir}', QUIET)
+  config = zoo_config.load(f'{LDM}:smoke=True,steps=2,vae={vae_dir}', QUIET)
   config.evals = zoo_config.ConfigDict()
   state = train.train_and_evaluate(config, ldm_dir)
   _, _, vae_state = runs.load(vae_dir)

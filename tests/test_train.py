@@ -124,19 +124,20 @@ def test_lr_schedule_warmup_and_decay():
 
 
 def test_loss_goes_down_on_digits(tmp_path):
-  config = smoke_config('--config.train.steps=200', '--config.train.batch_size=16',
-                        '--config.train.log_every=10', '--config.train.checkpoint_every=200',
-                        '--config.optim.warmup_steps=20', '--config.mesh.data=1')
+  config = smoke_config('--config.train.steps=100', '--config.train.batch_size=16',
+                        '--config.train.log_every=10', '--config.train.checkpoint_every=100',
+                        '--config.optim.warmup_steps=10', '--config.mesh.data=1')
   train.train_and_evaluate(config, str(tmp_path))
   rows = [r for r in metrics.read_jsonl(tmp_path / 'metrics.jsonl') if 'loss' in r]
-  assert [r['step'] for r in rows] == list(range(10, 201, 10))
+  assert [r['step'] for r in rows] == list(range(10, 101, 10))
   first, last = np.mean([r['loss'] for r in rows[:2]]), np.mean([r['loss'] for r in rows[-3:]])
+  print(f'digits loss {first:.4f} -> {last:.4f}')
   assert last < 0.6 * first, (first, last)
   for key in ('grad_norm', 'param_norm', 'lr', 'examples_per_sec'):
     assert all(np.isfinite(r[key]) for r in rows)
-  assert (tmp_path / 'samples' / 'step_000200.png').exists()
+  assert (tmp_path / 'samples' / 'step_000100.png').exists()
   evals = [r for r in metrics.read_jsonl(tmp_path / 'metrics.jsonl') if 'val/eval_loss' in r]
-  assert evals and evals[-1]['step'] == 200
+  assert evals and evals[-1]['step'] == 100
 
 
 def _losses(workdir):
@@ -150,7 +151,6 @@ def test_sharded_equals_single_device(tmp_path):
   # different layout into O(lr) parameter differences.
   common = ['--config.train.steps=6', '--config.train.log_every=1', '--config.optim.name=sgd',
             '--config.optim.lr=0.05', '--config.train.checkpoint_every=6', '--config.evals={}']
-  # mesh.data=8 alone is compared by tests/test_cli.py, through the command line.
   layouts = {'single': ['--config.mesh.data=1'],
              'data4_fsdp2': ['--config.mesh.data=4', '--config.mesh.fsdp=2']}
   results = {}
@@ -164,19 +164,6 @@ def test_sharded_equals_single_device(tmp_path):
   assert_trees(results['single'], results['data4_fsdp2'], exact=False, rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(_losses(tmp_path / 'single'), _losses(tmp_path / 'data4_fsdp2'),
                              rtol=1e-4)
-
-
-def test_resume_is_bit_equal(tmp_path):
-  common = ['--config.optim.schedule=constant', '--config.optim.warmup_steps=0',
-            '--config.train.checkpoint_every=3', '--config.evals={}', '--config.mesh.data=2']
-  whole = train.train_and_evaluate(smoke_config('--config.train.steps=8', *common),
-                                   str(tmp_path / 'whole'))
-  train.train_and_evaluate(smoke_config('--config.train.steps=4', *common), str(tmp_path / 'split'))
-  resumed = train.train_and_evaluate(smoke_config('--config.train.steps=8', *common),
-                                     str(tmp_path / 'split'))
-  for key in ('params', 'ema_params', 'opt_state'):
-    assert_trees(jax.device_get(whole[key]), jax.device_get(resumed[key]))
-  assert _losses(tmp_path / 'whole')[-1] == _losses(tmp_path / 'split')[-1]
 
 
 class _PoisonedBatches:
