@@ -141,7 +141,7 @@ def test_kill_9_then_same_command_resumes_to_identical_state(tmp_path):
   ckpt_dir = tmp_path / 'killed' / 'checkpoints'
   deadline = time.time() + 300
   while time.time() < deadline and victim.poll() is None:
-    done = [int(p.name) for p in ckpt_dir.glob('*') if p.name.isdigit()] if ckpt_dir.exists() else []
+    done = [int(p.name) for p in ckpt_dir.glob('*') if p.name.isdigit()]  # [] until it exists
     if done and max(done) >= 10:
       break
     time.sleep(0.05)

@@ -115,8 +115,8 @@ def test_guidance_uses_the_negative_prompt(pixel_run):
   plain = sample(params, rng, guidance_scale=1.0, **kw)
   plain_neg = sample(params, rng, guidance_scale=1.0, negative_prompts=['a blue star.'] * 2, **kw)
   np.testing.assert_array_equal(plain, plain_neg)
-  other = sample(params, rng, guidance_scale=1.0, steps=3, sampler='ddim',
-                 prompts=['four shapes: a red star, a blue heart, a cyan cross and a pink square.'] * 2)
+  four = 'four shapes: a red star, a blue heart, a cyan cross and a pink square.'
+  other = sample(params, rng, guidance_scale=1.0, steps=3, sampler='ddim', prompts=[four] * 2)
   assert float(jnp.abs(plain - other).max()) > 1e-4
   with pytest.raises(ValueError, match='prompts'):
     sample(params, rng, prompts='a red circle.')
