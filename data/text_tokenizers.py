@@ -213,7 +213,8 @@ class ClipTokenizer(Tokenizer):
   pad_id = 0
   path_arg = 'required'
 
-  def __init__(self, path: str = '', *, merges_path: str = '', vocab_path: str = ''):
+  def __init__(self, path: str = '', *, merges_path: str = '', vocab_path: str = '',
+               pad_token: str = ''):
     if bool(path) == bool(merges_path) or (vocab_path and not merges_path):
       raise ValueError("tokenizer 'clip' needs path=<tokenizer.json, directory or merges file> "
                        '(data.text.tokenizer_path) or merges_path=[, vocab_path=]')
@@ -224,6 +225,11 @@ class ClipTokenizer(Tokenizer):
     if self.bos_id is None or self.eos_id is None:
       raise ValueError(f'tokenizer file {path or merges_path}: no {SOT!r} / {EOT!r} tokens, '
                        'not a CLIP BPE')
+    if pad_token:  # e.g. '<|endoftext|>' as Stable Diffusion 1.x's tokenizer pads.
+      self.pad_id = self.backend.token_to_id(pad_token)
+      if self.pad_id is None:
+        raise ValueError(f'data.text.pad_token={pad_token!r} is not a token of '
+                         f'{path or merges_path}')
     self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
 
   def tokenize(self, text: str) -> list[int]:
@@ -361,8 +367,14 @@ def get(name: str, **kwargs) -> Tokenizer:
 
 
 def from_config(text_cfg) -> Tokenizer:
-  """The tokenizer `config.data.text` names, with `tokenizer_path` if set."""
+  """The tokenizer `config.data.text` names, with `tokenizer_path` (and the optional
+  `pad_token`, 'clip' only) if set."""
   kwargs = {'path': text_cfg.tokenizer_path} if text_cfg.tokenizer_path else {}
+  if text_cfg.get('pad_token', ''):
+    if text_cfg.tokenizer != 'clip':
+      raise ValueError(f'data.text.pad_token applies to tokenizer \'clip\', not '
+                       f'{text_cfg.tokenizer!r}')
+    kwargs['pad_token'] = text_cfg.pad_token
   return get(text_cfg.tokenizer, **kwargs)
 
 
@@ -397,7 +409,8 @@ def load_from_workdir(workdir: str, text_cfg) -> Tokenizer:
   """The tokenizer a run in `workdir` saved, of the kind `text_cfg.tokenizer` names."""
   if text_cfg.tokenizer in TOKENIZERS and TOKENIZERS[text_cfg.tokenizer].path_arg == 'none':
     return get(text_cfg.tokenizer)
-  return get(text_cfg.tokenizer, path=os.path.join(workdir, WORKDIR_SUBDIR))
+  pad = {'pad_token': text_cfg.pad_token} if text_cfg.get('pad_token', '') else {}
+  return get(text_cfg.tokenizer, path=os.path.join(workdir, WORKDIR_SUBDIR), **pad)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -88,16 +88,21 @@ def assert_same(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-def perturbed_hf_model(cls, config, seed=0):
-  """A random transformers / diffusers model with every parameter (LayerNorms, biases too) moved."""
+def perturb(module, seed):
+  """`module` (torch) in eval mode, every parameter (norms, biases too) moved by 0.1 N(0, 1)."""
   import torch  # The parity extra; only parity tests call this.
-  torch.manual_seed(seed)
-  model = cls(config).eval()
-  gen = torch.Generator().manual_seed(seed + 1)
+  gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
-    for p in model.parameters():
+    for p in module.parameters():
       p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return model
+  return module.eval()
+
+
+def perturbed_hf_model(cls, config, seed=0):
+  """A random transformers model `cls(config)` (seeded), then `perturb`ed."""
+  import torch
+  torch.manual_seed(seed)
+  return perturb(cls(config), seed + 1)
 
 
 @pytest.fixture(scope='session')

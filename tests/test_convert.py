@@ -23,6 +23,7 @@ from diffusers import UNet2DModel
 
 import data as data_lib
 from conftest import REPO
+from conftest import perturb as _perturb
 from conftest import perturbed_hf_model
 from zoo import checkpoint
 from zoo import config as zoo_config
@@ -40,14 +41,6 @@ SMOKE = {'unet': 'experiments/shapes_diffusion.py:smoke=True',
          'clip': 'experiments/clip_shapes.py:smoke=True',
          'siglip': 'experiments/siglip_shapes.py:smoke=True'}
 CLASSES = 8  # The shapes label of experiments/shapes_diffusion.py.
-
-
-def _perturb(module, seed):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return module.eval()
 
 
 def _zoo(*argv):

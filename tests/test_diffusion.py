@@ -304,6 +304,30 @@ def test_sampler_visits_respaced_timesteps_in_descending_order():
   assert seen == [[t, t] for t in diffusion.timesteps_for(T, 7)[::-1].tolist()]
 
 
+def test_steps_offset_shifts_the_grid_and_set_alpha_to_one_sets_the_last_target():
+  sched = diffusion.Schedule.create('scaled_linear', T)
+  seen = []
+
+  def model_fn(x, t_B):
+    jax.debug.callback(lambda t: seen.append(np.asarray(t).tolist()), t_B, ordered=True)
+    return jnp.zeros_like(x)
+
+  x_T = jnp.ones((1, 1))
+  run = functools.partial(diffusion.sample, model_fn, sched, x_T, jax.random.key(0), steps=4,
+                          sampler='ddim', timestep_spacing='leading', clip_x0=False)
+  last = run(steps_offset=1, set_alpha_to_one=False)
+  jax.effects_barrier()
+  assert seen == [[751], [501], [251], [1]]
+  # ε = 0: x0 = x_t / sqrt(ᾱ_t) at t = 1, then lands on sqrt(ᾱ_0) x0 rather than x0.
+  ab = np.asarray(sched.alphas_cumprod, np.float64)
+  np.testing.assert_allclose(np.asarray(last)[0, 0], np.sqrt(ab[0] / ab[751]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(run())[0, 0], np.sqrt(1 / ab[750]), rtol=1e-5)
+  with pytest.raises(ValueError, match='steps_offset=250'):
+    run(steps_offset=250)
+  with pytest.raises(ValueError, match='ddpm/ddim only'):
+    run(sampler='euler', timestep_spacing='linspace', steps_offset=1)
+
+
 def test_clip_x0():
   sched = diffusion.Schedule.create('linear', T)
   x_T = jnp.zeros((2, 3, 3, 1))

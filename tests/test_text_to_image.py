@@ -204,6 +204,10 @@ def test_latent_run_freezes_the_vae_it_loads(tmp_path):
     (lambda c: setattr(c.data.text, 'max_len', 40), 'exceeds'),
     (lambda c: setattr(c.data.text, 'tokenizer', 'wordpiece'), "'shapes'"),
     (lambda c: setattr(c.model, 'in_channels', 3), 'latent channels'),
+    (lambda c: setattr(c.task, 'timestep_spacing', 'uniform'), 'timestep_spacing'),
+    (lambda c: setattr(c.task, 'steps_offset', 1000), 'steps_offset=1000'),
+    (lambda c: setattr(c.task, 'attend_padding', 'yes'), 'attend_padding must be'),
+    (lambda c: setattr(c.data.text, 'pad_token', 7), 'pad_token must be'),
 ])
 def test_bad_text_to_image_configs_fail_before_compiling(change, match):
   config = zoo_config.load(f'{LDM}:smoke=True', QUIET)

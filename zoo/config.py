@@ -186,7 +186,8 @@ def validate(config):
     if name in config:
       check_keys(config[name], name, schema | _optional_sections(config[name], name))
   if 'text' in config.data:
-    check_keys(config.data.text, 'data.text', _DATA_TEXT)
+    pad = {'pad_token': str} if 'pad_token' in config.data.text else {}  # Optional ('clip').
+    check_keys(config.data.text, 'data.text', _DATA_TEXT | pad)
   if 'qa' in config.data:
     check_keys(config.data.qa, 'data.qa', _DATA_QA)
   _check_train(config.train)

@@ -102,7 +102,8 @@ def _parser():
   conv = sub.add_parser('convert', help='a public checkpoint (safetensors file or HF-style '
                         'folder) -> a zoo workdir at step 0')
   conv.add_argument('--from', dest='kind', required=True,
-                    help='diffusers-vae, diffusers-unet, diffusers-controlnet, dit, clip or siglip')
+                    help='diffusers-vae, diffusers-unet, diffusers-controlnet, dit, clip, siglip '
+                    'or diffusers-sd (a StableDiffusionPipeline folder -> a text_to_image run)')
   conv.add_argument('--in', dest='source', required=True,
                     help='a .safetensors file or a folder with config.json (no pickles)')
   conv.add_argument('--out', required=True, help='the workdir to write')

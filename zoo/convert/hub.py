@@ -11,6 +11,9 @@ formats (`.bin`, `.pt`, `.pth`, `.ckpt`, `.pkl`) are refused: loading one runs a
   dit                    facebookresearch/DiT .safetensors, or a      dit
                          diffusers DiTTransformer2DModel folder
   clip, siglip           transformers CLIPModel / SiglipModel folder  dual_encoder
+
+A whole StableDiffusionPipeline folder (`--from diffusers-sd`) is read part by part by
+zoo/convert/pipeline.py into one text_to_image run.
 """
 
 import json
@@ -95,7 +98,7 @@ def _float32(state_dict):
 def read(kind, path, *, num_heads=None):
   """The `Converted` checkpoint of `kind` at `path` (see the module doc for the kinds)."""
   if kind not in KINDS:
-    raise ValueError(f'--from {kind!r} is not one of {sorted(KINDS)}')
+    raise ValueError(f'--from {kind!r} is not one of {sorted(KINDS) + ["diffusers-sd"]}')
   state_dict, config = read_state_dict(path)
   state_dict = _float32(state_dict)
   if kind == 'diffusers-vae':

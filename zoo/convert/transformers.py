@@ -105,16 +105,22 @@ def clip_config(hf_config, image_norm='clip') -> dict:
   configs) pools the largest id, any other the first EOS.
   """
   cfg = _as_dict(hf_config)
-  vision, txt = _as_dict(cfg['vision_config']), _as_dict(cfg['text_config'])
-  eos = txt.get('eos_token_id', 2)
+  vision = _as_dict(cfg['vision_config'])
   image = vit.STYLES['clip'] | _vision_kwargs(vision, 'vision_config') | {
       'image_norm': image_norm}
-  text = _text_kwargs(txt, 'text_config') | dict(
-      causal=True, pool='argmax' if eos == 2 else 'eos', eos_token_id=eos, head_dim=0,
-      embed_init='clip')
+  text = clip_text_config(cfg['text_config'], 'text_config')
   return dict(kind='clip', image=image, text=text, embed_dim=cfg.get('projection_dim', 512),
               logit_scale_init=float(cfg.get('logit_scale_init_value', 2.6592)),
               logit_bias_init=0.0)
+
+
+def clip_text_config(hf_config, where='CLIPTextConfig') -> dict:
+  """zoo TextTransformer kwargs for an HF `CLIPTextConfig` (Stable Diffusion's text_encoder/)."""
+  txt = _as_dict(hf_config)
+  eos = txt.get('eos_token_id', 2)
+  return _text_kwargs(txt, where) | dict(
+      causal=True, pool='argmax' if eos == 2 else 'eos', eos_token_id=eos, head_dim=0,
+      embed_init='clip')
 
 
 def siglip_config(hf_config) -> dict:
@@ -137,26 +143,32 @@ def siglip_config(hf_config) -> dict:
               logit_bias_init=dual_encoder.SIGLIP_LOGIT_BIAS)
 
 
-def hf_config(kwargs) -> dict:
-  """The HF config.json (`CLIPConfig` / `SiglipConfig`) of zoo DualEncoder kwargs: the inverse
-  of `clip_config` / `siglip_config`, for `zoo export`."""
+def _hf_tower(kw):
   acts = {}
   for hf, ours in ACTS.items():
     acts.setdefault(ours, hf)
+  return dict(hidden_size=kw['width'], num_hidden_layers=kw['depth'],
+              num_attention_heads=kw['num_heads'],
+              intermediate_size=kw['mlp_dim'] or 4 * kw['width'],  # 0 = 4 x width.
+              hidden_act=acts[kw['act']], layer_norm_eps=kw['norm_eps'])
+
+
+def hf_text_config(txt) -> dict:
+  """The HF text config of zoo TextTransformer kwargs (inverse of `clip_text_config`)."""
+  return _hf_tower(txt) | dict(vocab_size=txt['vocab_size'], max_position_embeddings=txt['max_len'],
+                               eos_token_id=txt['eos_token_id'])
+
+
+def hf_config(kwargs) -> dict:
+  """The HF config.json (`CLIPConfig` / `SiglipConfig`) of zoo DualEncoder kwargs: the inverse
+  of `clip_config` / `siglip_config`, for `zoo export`."""
   image, txt, kind = kwargs['image'], kwargs['text'], kwargs['kind']
   if kind not in ('clip', 'siglip'):
     raise ValueError(f'a {kind!r} dual encoder has no transformers equivalent (clip, siglip)')
-
-  def tower(kw):
-    return dict(hidden_size=kw['width'], num_hidden_layers=kw['depth'],
-                num_attention_heads=kw['num_heads'],
-                intermediate_size=kw['mlp_dim'] or 4 * kw['width'],  # 0 = 4 x width.
-                hidden_act=acts[kw['act']], layer_norm_eps=kw['norm_eps'])
-  vision = tower(image) | dict(image_size=image['image_size'], patch_size=image['patch_size'],
-                               num_channels=image['in_channels'])
-  text_cfg = tower(txt) | dict(vocab_size=txt['vocab_size'],
-                               max_position_embeddings=txt['max_len'],
-                               eos_token_id=txt['eos_token_id'])
+  vision = _hf_tower(image) | dict(image_size=image['image_size'],
+                                   patch_size=image['patch_size'],
+                                   num_channels=image['in_channels'])
+  text_cfg = hf_text_config(txt)
   if kind == 'clip':
     return dict(model_type='clip', architectures=['CLIPModel'], projection_dim=kwargs['embed_dim'],
                 logit_scale_init_value=kwargs['logit_scale_init'], vision_config=vision,
@@ -263,6 +275,12 @@ def to_hf_dual(params) -> dict:
     fused = np.concatenate([parts[n].T if leaf == 'kernel' else parts[n] for n in 'qkv'], axis=0)
     out[MAP_IN_PROJ + ('weight' if leaf == 'kernel' else 'bias')] = np.asarray(fused, order='C')
   return out
+
+
+def to_hf_clip_text(params) -> dict:
+  """HF `CLIPTextModel` state dict (`text_model.*`) of zoo TextTransformer params (the inverse
+  of `from_hf_clip_text` for towers without `text_projection`)."""
+  return to_hf_dual({'text_model': params})
 
 
 # open_clip / OpenAI CLIP names -> HF CLIPModel names (NUMERICS.md Multimodal 4.3); '{}' is a

@@ -22,6 +22,7 @@ from zoo import config as zoo_config
 from zoo import models
 from zoo import train
 from zoo.convert import hub
+from zoo.convert import pipeline
 from zoo.nn import lora
 
 log = logging.getLogger('zoo')
@@ -110,13 +111,17 @@ def _tokenizer(config, kind, source):
 
 def convert(kind, source, workdir, *, experiment=None, overrides=(), base=None, num_heads=None):
   """Writes the checkpoint at `source` as a zoo run into `workdir`; returns its config."""
+  if kind == 'diffusers-sd':
+    if experiment or base or num_heads:
+      raise ValueError('--from diffusers-sd writes its own text_to_image run from the pipeline '
+                       'folder: --config / --base / --num-heads do not apply (change fields '
+                       'with --config.KEY=VALUE)')
+    return pipeline.convert(source, workdir, overrides)
   if os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise FileExistsError(f'{workdir} already holds checkpoints; convert into a new directory')
   converted = hub.read(kind, source, num_heads=num_heads)
   config = run_config(kind, converted, experiment, overrides, base, source)
-  spec = data_lib.get_dataset(config.data, split=config.data.train_split, seed=0,
-                              global_batch_size=config.train.batch_size).spec()
-  s = train.setup(config, spec)
+  s = _setup(config)
   where = TASKS[config.task.name][1]
   abstract = s.abstract_state['params']
   checkpoint.check_compatible(converted.params, abstract[where] if where else abstract,
@@ -131,11 +136,31 @@ def convert(kind, source, workdir, *, experiment=None, overrides=(), base=None, 
     params = {**params, key: jax.device_get(checkpoint.load_params(
         os.path.join(src.workdir, 'checkpoints'), abstract[key], use_ema=src.use_ema,
         subtree=src.subtree, ignore=src.ignore))}
+  params = {**params, where: converted.params} if where else converted.params
+  write_run(config, params, workdir, s, f'{source} (as {kind})')
+  with open(os.path.join(workdir, 'convert.json'), 'w') as f:
+    json.dump({'kind': kind, 'format': converted.format, 'source': os.path.abspath(source)}, f,
+              indent=2)
+  return config
+
+
+def _setup(config):
+  spec = data_lib.get_dataset(config.data, split=config.data.train_split, seed=0,
+                              global_batch_size=config.train.batch_size).spec()
+  return train.setup(config, spec)
+
+
+def write_run(config, params, workdir, s=None, what='the converted params'):
+  """Writes `params` (all of the task's) as a run at step 0: config.json, tokenizer, checkpoint.
+
+  EMA params = params, and a fresh optimizer state.
+  """
+  s = s or _setup(config)
+  abstract = s.abstract_state['params']
+  checkpoint.check_compatible(params, abstract, what)
   # Saved from host memory: Orbax lays the arrays out on restore, and writing numpy arrays
   # compiles nothing (sharded device arrays cost a program per shape on a many-device host).
-  ours = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), converted.params,
-                      abstract[where] if where else abstract)
-  params = {**params, where: ours} if where else ours
+  params = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), params, abstract)
   opt_state = jax.device_get(jax.jit(s.tx.init)(params))
   state = {'step': np.zeros((), np.int32), 'params': params, 'opt_state': opt_state,
            'ema_params': params}
@@ -147,10 +172,6 @@ def convert(kind, source, workdir, *, experiment=None, overrides=(), base=None, 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
   ckpt.save(0, state, {'next_batch': 0})
   ckpt.close()
-  with open(os.path.join(workdir, 'convert.json'), 'w') as f:
-    json.dump({'kind': kind, 'format': converted.format, 'source': os.path.abspath(source)}, f,
-              indent=2)
-  return config
 
 
 def kind_of(config, workdir):
@@ -192,6 +213,10 @@ def export(workdir, out, *, fmt=None, use_ema=True, step=None, lora_only=False):
   if 'lora' in config:
     params = s.task.merged_params(params)
   kind, default_fmt = kind_of(config, workdir)
+  if kind == 'diffusers-sd':
+    if fmt not in (None, 'diffusers'):
+      raise ValueError(f'--format {fmt!r}: a diffusers-sd run exports as a diffusers pipeline')
+    return pipeline.export(config, params, workdir, out)
   fmt = fmt or default_fmt
   allowed = {'dit': ('facebook', 'diffusers')}.get(kind, (hub.KINDS[kind][1],))
   if fmt not in allowed:

@@ -149,6 +149,8 @@ def sample(
   timestep_spacing='linspace',
   karras=True,
   learned_variance=False,
+  steps_offset=0,
+  set_alpha_to_one=True,
 ):
   """Runs the reverse chain from x_T to x_0 in one `lax.scan` over the respaced timesteps.
 
@@ -164,8 +166,13 @@ def sample(
   With `learned_variance` the model returns [ε, v] (2C channels, iDDPM/DiT learned σ): DDPM
   steps take their variance from v (`objectives.ddpm_learned_variance_step`), the other
   samplers use ε alone.
+  `steps_offset` and `set_alpha_to_one` are diffusers' DDIMScheduler fields (Stable Diffusion
+  ships 1 and False with 'leading' spacing): every timestep is shifted up by the offset, and
+  without `set_alpha_to_one` the last step lands on ᾱ_0 instead of 1 (DDPM/DDIM only).
   """
   _validate(sampler, prediction_type, timestep_spacing)
+  if sampler in solvers.SOLVERS and (steps_offset or not set_alpha_to_one):
+    raise ValueError(f'steps_offset / set_alpha_to_one apply to ddpm/ddim only, not {sampler!r}')
   if learned_variance and prediction_type != 'epsilon':
     raise ValueError(f'learned variance needs prediction_type="epsilon", not {prediction_type!r}')
   channels = x_T.shape[-1]
@@ -184,9 +191,14 @@ def sample(
       karras=karras,
     )
   ts = timesteps_for(sched.num_timesteps, steps, timestep_spacing)[::-1]
+  if not 0 <= steps_offset <= sched.num_timesteps - 1 - ts[0]:
+    raise ValueError(f'steps_offset={steps_offset} takes timestep {ts[0] + steps_offset} past '
+                     f'T-1={sched.num_timesteps - 1} (spacing {timestep_spacing!r}, {steps} steps)')
+  ts = ts + steps_offset
   prev_ts = np.append(ts[1:], -1)
   ab_S = sched.alphas_cumprod[ts]
-  ab_prev_S = jnp.where(prev_ts >= 0, sched.alphas_cumprod[np.maximum(prev_ts, 0)], 1.0)
+  final = 1.0 if set_alpha_to_one else sched.alphas_cumprod[0]
+  ab_prev_S = jnp.where(prev_ts >= 0, sched.alphas_cumprod[np.maximum(prev_ts, 0)], final)
   x_T = jnp.asarray(x_T, jnp.float32)
   t_B = jnp.zeros((x_T.shape[0],), jnp.int32)
 

@@ -13,6 +13,12 @@ encoder is skipped, after a check that they came from this VAE. A fraction
 `caption_dropout` of captions is replaced by the empty prompt, so one network gives both
 terms of classifier-free guidance; sampling guides against the empty prompt or a negative
 prompt.
+
+Optional task keys (absent = the default) carry the conventions of converted Stable Diffusion
+pipelines (`zoo convert --from diffusers-sd`): `attend_padding` (the text encoder and the
+denoiser see all max_len positions, padding included, as SD's UNet was trained; default False:
+padding is masked), and the DDPM/DDIM grid `timestep_spacing` ('linspace'), `steps_offset` (0)
+and `set_alpha_to_one` (True), as in diffusers' DDIMScheduler (see `diffusion.sample`).
 """
 
 import functools
@@ -40,6 +46,8 @@ SCHEMA = {k: v for k, v in diffusion_task.SCHEMA.items() if k != 'label_dropout'
     'text_encoder': ConfigDict, 'text_encoder_from': str, 'train_text_encoder': bool,
     'vae': ConfigDict, 'vae_from': str, 'latent_key': str,
 }
+OPTIONAL = {'attend_padding': bool, 'timestep_spacing': str, 'steps_offset': int,
+            'set_alpha_to_one': bool}
 
 
 def _text_widths(text_cfg):
@@ -101,8 +109,13 @@ class TextToImageTask:
   @staticmethod
   def check_config(config):
     task = config.task
-    zoo_config.check_keys(task, 'task', SCHEMA)
+    zoo_config.check_keys(task, 'task', SCHEMA | {k: v for k, v in OPTIONAL.items() if k in task})
     diffusion_task.check_sampling(task)
+    zoo_config.check_choice(task.get('timestep_spacing', 'linspace'), diffusion.TIMESTEP_SPACINGS,
+                            'config.task.timestep_spacing')
+    if not 0 <= task.get('steps_offset', 0) < task.num_timesteps:
+      raise ValueError(f'config.task.steps_offset={task.steps_offset} must lie in '
+                       f'[0, num_timesteps={task.num_timesteps})')
     if not 0.0 <= task.caption_dropout < 1.0:
       raise ValueError(f'config.task.caption_dropout={task.caption_dropout} must lie in [0, 1)')
     zoo_config.check_choice(config.model.get('name', None), diffusion_task.DENOISERS,
@@ -127,6 +140,10 @@ class TextToImageTask:
     self.tokenizer = captions.build_tokenizer(config.data.text)
     self.max_len = config.data.text.max_len
     self.use_pooled = config.model.get('pooled_dim', 0) > 0
+    self.attend_padding = task.get('attend_padding', False)
+    self.ddim_grid = dict(timestep_spacing=task.get('timestep_spacing', 'linspace'),
+                          steps_offset=task.get('steps_offset', 0),
+                          set_alpha_to_one=task.get('set_alpha_to_one', True))
     self.learn_sigma = bool(config.model.get('learn_sigma', False))
     res = config.data.resolution
     channels = config.model.in_channels
@@ -183,6 +200,8 @@ class TextToImageTask:
 
   def encode_text(self, params, tokens_BxL, mask_BxL):
     """Denoiser conditioning kwargs {context_BxLxD, context_mask_BxL[, pooled_BxD]}."""
+    if self.attend_padding:
+      mask_BxL = jnp.ones(mask_BxL.shape, bool)
     features_BxLxD, pooled_BxP = self.text_encoder.apply(
         {'params': params['text_encoder']}, tokens_BxL, mask_BxL)
     cond = {'context_BxLxD': features_BxLxD, 'context_mask_BxL': mask_BxL}
@@ -295,10 +314,11 @@ def _sample(task, params, rng, ids, mask, neg_ids, neg_mask, *, sampler, steps, 
   rng_init, rng_loop = diffusion.split_keys(rng)
   x_T = diffusion.normal(rng_init, (ids.shape[0], *task.image_shape))
   model_fn = _guided(task, params, ids, mask, neg_ids, neg_mask, guidance_scale)
+  grid = task.ddim_grid if sampler in ('ddpm', 'ddim') else {}
   x0 = diffusion.sample(model_fn, task.schedule, x_T, rng_loop, sampler=sampler, steps=steps,
                         eta=eta, prediction_type=task.cfg.prediction_type,
                         clip_x0=task.cfg.clip_x0 and task.vae is None,
-                        learned_variance=task.learn_sigma)
+                        learned_variance=task.learn_sigma, **grid)
   return _to_pixels(task, params, x0)
 
 

@@ -1,0 +1,162 @@
+"""`zoo convert --from diffusers-sd`: a StableDiffusionPipeline folder -> one text_to_image run.
+
+A tiny random pipeline (the shapes CLIP BPE as its tokenizer, CLIPTextModel, cross-attention
+UNet2DConditionModel, AutoencoderKL, Stable Diffusion 1.x's DDIM scheduler config) goes the way
+a user's would: save_pretrained -> `zoo convert` (CLI) -> the run's prompt tokens and text
+features equal the pipeline's -> `task.sample` draws the pipeline's images from the same initial
+latents (guidance, negative prompt) -> `zoo sample --prompt` -> `zoo export` -> from_pretrained
+-> the same weights, tokens and scheduler.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import AutoencoderKL
+from diffusers import DDIMScheduler
+from diffusers import StableDiffusionPipeline
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+from conftest import perturb
+from conftest import perturbed_hf_model
+from data import text_tokenizers
+from test_text_tokenizers import write_clip_files
+from zoo import diffusion
+from zoo import main as zoo_main
+from zoo import runs
+from zoo.convert import workdir as convert_workdir
+
+torch.set_num_threads(2)
+
+MAX_LEN = 16
+PROMPTS = ['one shape: a red circle.', 'a green star left of a yellow heart.']
+NEGATIVE = ['a blue square.', '']
+
+
+def _zoo(*argv):
+  assert zoo_main.main([str(a) for a in argv]) == 0, argv
+
+
+def _tiny_pipeline(directory):
+  merges = [tuple(m) for m in json.loads(
+      text_tokenizers.get('shapes_bpe').backend.to_str())['model']['merges']]
+  write_clip_files(directory / 'bpe', merges)
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(str(directory / 'bpe'),
+                                                         model_max_length=MAX_LEN)
+  text = perturbed_hf_model(transformers.CLIPTextModel, transformers.CLIPTextConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=MAX_LEN, hidden_act='quick_gelu',
+      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id), seed=0)
+  torch.manual_seed(1)
+  unet = perturb(UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+      layers_per_block=1, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
+      up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), attention_head_dim=4,
+      norm_num_groups=8, cross_attention_dim=32), seed=2)
+  vae = perturb(AutoencoderKL(
+      block_out_channels=(8, 16), down_block_types=('DownEncoderBlock2D',) * 2,
+      up_block_types=('UpDecoderBlock2D',) * 2, layers_per_block=1, latent_channels=4,
+      norm_num_groups=8, sample_size=16, scaling_factor=0.5), seed=3)
+  # Stable Diffusion v1's scheduler fields (its PNDM config, as a DDIMScheduler).
+  scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+  pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                 scheduler=scheduler, safety_checker=None,
+                                 feature_extractor=None, requires_safety_checker=False)
+  pipe.set_progress_bar_config(disable=True)
+  pipe.save_pretrained(directory / 'pipe')
+  return pipe
+
+
+@pytest.fixture(scope='module')
+def converted(tmp_path_factory):
+  root = tmp_path_factory.mktemp('sd')
+  pipe = _tiny_pipeline(root)
+  _zoo('convert', '--from', 'diffusers-sd', '--in', root / 'pipe', '--out', root / 'run')
+  return pipe, root, str(root / 'run')
+
+
+def test_prompts_encode_as_the_pipeline_encodes_them(converted):
+  pipe, _, workdir = converted
+  config, s, state = runs.load(workdir)
+  assert (config.task.timestep_spacing, config.task.steps_offset,
+          config.task.set_alpha_to_one) == ('leading', 1, False)
+  theirs = pipe.tokenizer(PROMPTS + [''], padding='max_length', max_length=MAX_LEN,
+                          truncation=True, return_tensors='np').input_ids
+  ids, mask = s.task.tokenizer.encode(PROMPTS + [''], MAX_LEN)
+  np.testing.assert_array_equal(ids, theirs)
+  assert ids[0, -1] == pipe.tokenizer.pad_token_id and not mask.all()  # Padded, and attended:
+  cond = s.task.encode_text(state['ema_params'], ids, mask)
+  assert cond['context_mask_BxL'].all()
+  with torch.no_grad():
+    want = pipe.text_encoder(torch.from_numpy(theirs)).last_hidden_state.numpy()
+  np.testing.assert_allclose(np.asarray(cond['context_BxLxD']), want, atol=2e-5, rtol=1e-4)
+
+
+def test_sample_draws_the_pipelines_images(converted, tmp_path):
+  pipe, _, workdir = converted
+  _, s, state = runs.load(workdir)
+  rng = jax.random.PRNGKey(3)
+  x_T = diffusion.normal(diffusion.split_keys(rng)[0], (2, *s.task.image_shape))
+  ours = s.task.sample(state['ema_params'], rng, prompts=PROMPTS, negative_prompts=NEGATIVE,
+                       sampler='ddim', steps=4, guidance_scale=5.0)
+  latents = torch.from_numpy(np.asarray(x_T).transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    want = pipe(PROMPTS, negative_prompt=NEGATIVE, latents=latents, num_inference_steps=4,
+                guidance_scale=5.0, output_type='np').images
+  assert ours.shape == want.shape == (2, 16, 16, 3)
+  assert np.std(want) > 0.05  # Not a flat image: the comparison sees the model's detail.
+  np.testing.assert_allclose(np.asarray(ours), want, atol=2e-4)
+  out = tmp_path / 'sd.png'
+  _zoo('sample', '--workdir', workdir, '--prompt', PROMPTS[0], '--num', 2, '--steps', 2,
+       '--out', out)
+  assert Image.open(out).size[0] >= 16
+
+
+def test_export_loads_back_into_diffusers(converted):
+  pipe, root, workdir = converted
+  _zoo('export', '--workdir', workdir, '--out', root / 'export')
+  back = StableDiffusionPipeline.from_pretrained(str(root / 'export'), safety_checker=None)
+  for name in ('unet', 'vae', 'text_encoder'):
+    a, b = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()
+    assert sorted(a) == sorted(b), name
+    for k in a:
+      assert torch.equal(a[k], b[k]), (name, k)
+  assert back.tokenizer(PROMPTS, padding='max_length', max_length=MAX_LEN).input_ids == \
+      pipe.tokenizer(PROMPTS, padding='max_length', max_length=MAX_LEN).input_ids
+  assert back.tokenizer.model_max_length == MAX_LEN
+  for key in ('timestep_spacing', 'steps_offset', 'set_alpha_to_one', 'beta_schedule',
+              'beta_start', 'beta_end', 'prediction_type', 'num_train_timesteps'):
+    assert back.scheduler.config[key] == pipe.scheduler.config[key], key
+
+
+@pytest.mark.parametrize('edit, match', [
+    (('model_index.json', '_class_name', 'StableDiffusionXLPipeline'), 'StableDiffusionXL'),
+    (('scheduler/scheduler_config.json', 'beta_schedule', 'squaredcos_cap_v2'),
+     'beta_schedule'),
+    (('scheduler/scheduler_config.json', 'thresholding', True), 'thresholding'),
+    (('text_encoder/config.json', 'model_type', 'siglip_text_model'), 'siglip_text_model'),
+])
+def test_unsupported_pipelines_are_refused_by_name(converted, tmp_path, edit, match):
+  _, root, _ = converted
+  src = tmp_path / 'pipe'
+  for dirpath, _, files in os.walk(root / 'pipe'):
+    rel = os.path.relpath(dirpath, root / 'pipe')
+    os.makedirs(src / rel, exist_ok=True)
+    for name in files:
+      os.symlink(os.path.join(dirpath, name), src / rel / name)
+  path, key, value = edit
+  with open(src / path) as f:
+    cfg = json.load(f)
+  os.remove(src / path)
+  with open(src / path, 'w') as f:
+    json.dump(cfg | {key: value}, f)
+  with pytest.raises(ValueError, match=match):
+    convert_workdir.convert('diffusers-sd', str(src), str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
