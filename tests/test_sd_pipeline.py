@@ -1,15 +1,19 @@
-"""`zoo convert --from diffusers-sd`: a StableDiffusionPipeline folder -> one text_to_image run.
+"""`zoo convert --from diffusers-sd`: a StableDiffusionPipeline folder -> one text_to_image run,
+and SD-style ControlNets over it (`--from diffusers-controlnet --base`, experiments/
+control_t2i_shapes.py).
 
 A tiny random pipeline (the shapes CLIP BPE as its tokenizer, CLIPTextModel, cross-attention
 UNet2DConditionModel, AutoencoderKL, Stable Diffusion 1.x's DDIM scheduler config) goes the way
 a user's would: save_pretrained -> `zoo convert` (CLI) -> the run's prompt tokens and text
 features equal the pipeline's -> `task.sample` draws the pipeline's images from the same initial
 latents (guidance, negative prompt) -> `zoo sample --prompt` -> `zoo export` -> from_pretrained
--> the same weights, tokens and scheduler.
+-> the same weights, tokens and scheduler. A ControlNetModel made from its UNet converts over the
+run and samples as StableDiffusionControlNetPipeline does; a text ControlNet trains over it.
 """
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -17,18 +21,24 @@ import pytest
 import torch
 import transformers
 from diffusers import AutoencoderKL
+from diffusers import ControlNetModel
 from diffusers import DDIMScheduler
+from diffusers import StableDiffusionControlNetPipeline
 from diffusers import StableDiffusionPipeline
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from conftest import REPO
 from conftest import perturb
 from conftest import perturbed_hf_model
 from data import text_tokenizers
 from test_text_tokenizers import write_clip_files
+from zoo import config as zoo_config
 from zoo import diffusion
 from zoo import main as zoo_main
+from zoo import metrics
 from zoo import runs
+from zoo import train
 from zoo.convert import workdir as convert_workdir
 
 torch.set_num_threads(2)
@@ -36,6 +46,8 @@ torch.set_num_threads(2)
 MAX_LEN = 16
 PROMPTS = ['one shape: a red circle.', 'a green star left of a yellow heart.']
 NEGATIVE = ['a blue square.', '']
+# Runs on one of the 8 test devices: replicated over all 8, each call would compute 8 times.
+ONE = ('--config.mesh.data=1',)
 
 
 def _zoo(*argv):
@@ -78,7 +90,7 @@ def _tiny_pipeline(directory):
 def converted(tmp_path_factory):
   root = tmp_path_factory.mktemp('sd')
   pipe = _tiny_pipeline(root)
-  _zoo('convert', '--from', 'diffusers-sd', '--in', root / 'pipe', '--out', root / 'run')
+  _zoo('convert', '--from', 'diffusers-sd', '--in', root / 'pipe', '--out', root / 'run', *ONE)
   return pipe, root, str(root / 'run')
 
 
@@ -160,3 +172,88 @@ def test_unsupported_pipelines_are_refused_by_name(converted, tmp_path, edit, ma
   with pytest.raises(ValueError, match=match):
     convert_workdir.convert('diffusers-sd', str(src), str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+
+
+# --- SD-style ControlNets over the converted run. ---------------------------------------------
+
+@pytest.fixture(scope='module')
+def control(converted):
+  pipe, root, workdir = converted
+  torch.manual_seed(4)
+  net = perturb(ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16)),
+                seed=5)
+  net.save_pretrained(root / 'controlnet')
+  _zoo('convert', '--from', 'diffusers-controlnet', '--in', root / 'controlnet', '--base',
+       workdir, '--out', root / 'control_run', *ONE)
+  return net, str(root / 'control_run')
+
+
+def test_controlnet_samples_as_the_controlnet_pipeline(converted, control, tmp_path):
+  pipe, _, workdir = converted
+  net, control_run = control
+  config, s, state = runs.load(control_run)
+  assert (config.task.name, config.task.control) == ('text_controlnet', 'seg')
+  hints_u8 = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  hints = hints_u8.astype(np.float32) / 255.0
+  rng = jax.random.PRNGKey(5)
+  x_T = diffusion.normal(diffusion.split_keys(rng)[0], (2, *s.task.image_shape))
+  kw = dict(prompts=PROMPTS, negative_prompts=NEGATIVE, sampler='ddim', steps=4,
+            guidance_scale=5.0)
+  ours = s.task.sample(state['ema_params'], rng, hints=hints, conditioning_scale=0.7, **kw)
+  both = StableDiffusionControlNetPipeline(
+      vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+      controlnet=net, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  both.set_progress_bar_config(disable=True)
+  latents = torch.from_numpy(np.asarray(x_T).transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    want = both(PROMPTS, image=[Image.fromarray(h) for h in hints_u8], latents=latents,
+                negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=5.0,
+                controlnet_conditioning_scale=0.7, output_type='np').images
+  np.testing.assert_allclose(np.asarray(ours), want, atol=2e-4)
+  # Scale 0: exactly the base run's images; the control moves them.
+  _, base_s, base_state = runs.load(workdir)
+  base = base_s.task.sample(base_state['ema_params'], rng, **kw)
+  off = s.task.sample(state['ema_params'], rng, hints=hints, conditioning_scale=0.0, **kw)
+  np.testing.assert_allclose(np.asarray(off), np.asarray(base), atol=1e-6)
+  assert np.abs(np.asarray(ours) - np.asarray(base)).max() > 0.02
+  Image.fromarray(hints_u8[0]).save(tmp_path / 'seg.png')
+  _zoo('sample', '--workdir', control_run, '--control', f'seg:{tmp_path / "seg.png"}',
+       '--prompt', PROMPTS[0], '--num', 2, '--steps', 2, '--out', tmp_path / 'c.png')
+  assert os.path.isfile(tmp_path / 'c.png')
+
+
+def test_text_controlnet_trains_over_the_frozen_run(converted, control, tmp_path):
+  _, _, workdir = converted
+  config = zoo_config.load(f'{REPO}/experiments/control_t2i_shapes.py:smoke=True,base={workdir},'
+                           'control=seg,steps=3', ['--config.train.checkpoint_every=3',
+                                                   '--config.train.log_every=1',
+                                                   '--config.train.batch_size=2',
+                                                   '--config.mesh.data=1'])
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  _, s, state = runs.load(str(tmp_path / 'run'))
+  _, _, base_state = runs.load(workdir)
+  for a, b in zip(jax.tree.leaves(state['params']['base']),
+                  jax.tree.leaves(base_state['ema_params'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  zero_convs = [np.abs(np.asarray(v['kernel'])).max()
+                for k, v in state['params']['controlnet'].items()
+                if k.startswith('controlnet_down_blocks')]
+  assert min(zero_convs) > 0  # Trained away from their zero init.
+  losses = [r['loss'] for r in metrics.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
+            if 'loss' in r]
+  assert len(losses) == 3 and np.isfinite(losses).all()
+
+
+@pytest.mark.parametrize('override, match', [
+    ('model.conditioning_embedding_out_channels=(16,)', 'downsamples hints by 1'),
+    ('model.block_out_channels=(16,16)', 'block_out_channels'),
+    ('data.text.max_len=8', 'data.text.max_len'),
+    ('data.resolution=32', 'data.resolution'),
+    ('task.caption_dropout=1.0', 'caption_dropout'),
+])
+def test_text_controlnet_configs_name_what_differs_from_the_base(converted, override, match):
+  _, _, workdir = converted
+  with pytest.raises(ValueError, match=re.escape(match)):
+    zoo_config.load(f'{REPO}/experiments/control_t2i_shapes.py:smoke=True,base={workdir},'
+                    'control=seg', [f'--config.{override}'])

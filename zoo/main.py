@@ -4,6 +4,7 @@
   zoo sample --workdir DIR --num N --out grid.png [--sampler S --steps K --guidance G --label L --seed K]
   zoo sample --workdir DIR --prompt "a red star." [--negative-prompt "..."] --num N --out grid.png
   zoo sample --workdir DIR --control depth:HINT.png [--control seg:H.png@DIR2] [--control-scale S]
+             [--prompt "..."]  (text ControlNets: one image per prompt, or --num of one)
   zoo sample --workdir DIR --mode inpaint --image IN.png --mask MASK.png  (--mode outpaint --pad P)
   zoo generate --workdir DIR (--prompts FILE | --from-dataset shapes:test) --num N --out OUTDIR
   zoo eval   --workdir DIR
@@ -186,10 +187,11 @@ def main(argv=None):
       config = zoo_config.load(args.config, overrides)
       train.train_and_evaluate(config, args.workdir)
     elif args.command == 'sample' and args.control:
-      if args.mode != 'sample' or args.prompt:
-        raise ValueError('--control samples a ControlNet run: no --mode, --prompt')
+      if args.mode != 'sample':
+        raise ValueError('--control samples a ControlNet run: no --mode')
       runs.control(args.workdir, args.out, [runs.parse_control(c) for c in args.control],
                    scales=args.control_scale or (), num=args.num, labels=args.label,
+                   prompts=args.prompt, negative_prompt=args.negative_prompt,
                    sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
                    seed=args.seed, upscale=args.upscale)
       print(args.out)

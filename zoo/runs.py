@@ -46,6 +46,7 @@ def load(workdir, step=None):
 # One Setup per config in a process: a notebook sampling a run again and again reuses the same
 # task object, so the jitted samplers (keyed on it) compile once per setting.
 _SETUPS = {}
+CONTROL_TASKS = ('controlnet', 'text_controlnet')
 
 
 def evaluate(workdir, step=None):
@@ -193,10 +194,11 @@ def parse_control(spec):
   return kind, path, workdir or None
 
 
-def control(workdir, out, controls, *, scales=(), num=4, labels=None, sampler=None, steps=None,
-            guidance_scale=None, seed=0, use_ema=True, upscale=4):
+def control(workdir, out, controls, *, scales=(), num=4, labels=None, prompts=None,
+            negative_prompt=None, sampler=None, steps=None, guidance_scale=None, seed=0,
+            use_ema=True, upscale=4):
   """Samples a ControlNet run under control images; writes one row: the hints, then `num`
-  results.
+  results (text ControlNets: one per prompt, or `num` of a single prompt).
 
   `controls`: (kind, PNG path, workdir or None) each; None means `workdir`, whose own control
   kind it must be; other kinds name their own ControlNet run over the same base, and every
@@ -209,15 +211,23 @@ def control(workdir, out, controls, *, scales=(), num=4, labels=None, sampler=No
   if len(scales) not in (0, 1, len(controls)):
     raise ValueError(f'{len(scales)} --control-scale values for {len(controls)} controls: give '
                      'one for all or one per control')
+  text = getattr(load(workdir)[1].task, 'conditioning', None) == 'text'
+  if text:
+    if not prompts or labels:
+      raise ValueError('this ControlNet steers a text-to-image model: pass --prompt (no --label)')
+    num = num if len(prompts) == 1 else len(prompts)
+    prompts = list(prompts) * num if len(prompts) == 1 else list(prompts)
+  elif prompts:
+    raise ValueError('--prompt applies to text ControlNets (experiments/control_t2i_shapes.py)')
   runs, hints = {}, []
   for kind, path, where in controls:
     where = where or workdir
     if where not in runs:
       runs[where] = load(where)
     config, s, _ = runs[where]
-    if config.task.name != 'controlnet':
+    if config.task.name not in CONTROL_TASKS:
       raise ValueError(f'{where} is a {config.task.name!r} run; --control needs ControlNet runs '
-                       '(experiments/control_shapes.py)')
+                       '(experiments/control_shapes.py, control_t2i_shapes.py)')
     conditions.get(kind)
     if kind != s.task.control:
       raise ValueError(f'--control {kind}:{path}: the run {where} was trained on '
@@ -233,8 +243,11 @@ def control(workdir, out, controls, *, scales=(), num=4, labels=None, sampler=No
     branches.append((s.task, state[key], hint,
                      s.task.cfg.conditioning_scale if scale is None else scale))
   (task, params, first_hints, first_scale), *others = branches
-  label_ids = None
-  if task.num_classes:
+  label_ids, extra = None, {}
+  if text:
+    extra = dict(prompts=prompts, negative_prompts=None if negative_prompt is None else
+                 [negative_prompt] * num)
+  elif task.num_classes:
     if not labels:
       raise ValueError('this model is class-conditional: pass --label N (repeatable)')
     label_ids = np.resize(np.asarray(labels, np.int32), num)
@@ -243,7 +256,7 @@ def control(workdir, out, controls, *, scales=(), num=4, labels=None, sampler=No
   images = task.predict['sample'](
       params, jax.random.PRNGKey(seed), label_ids, hints=first_hints,
       conditioning_scale=first_scale, others=tuple(others), sampler=sampler, steps=steps,
-      guidance_scale=guidance_scale)
+      guidance_scale=guidance_scale, **extra)
   images = np.asarray(sharding.host_gather(images))
   shown = [conditions.to_uint8(h[0]) / 255.0 for h in hints]
   if jax.process_index() == 0:

@@ -38,19 +38,30 @@ TEMPLATES = {
 # task name -> (kinds it holds, where the converted params go in the task's params)
 TASKS = {'diffusion': (('diffusers-unet', 'dit'), ''), 'vae': (('diffusers-vae',), 'vae'),
          'controlnet': (('diffusers-controlnet',), 'controlnet'),
+         'text_controlnet': (('diffusers-controlnet',), 'controlnet'),
          'contrastive': (('clip', 'siglip'), ''), 'text_to_image': (('diffusers-unet', 'dit'),
                                                                     'denoiser')}
+# A ControlNet over a text_to_image run (an SD pipeline converted with --from diffusers-sd).
+TEXT_CONTROL_TEMPLATE = 'control_t2i_shapes.py'
 TOKENIZER_FILES = {'clip': ('tokenizer.json', 'merges.txt'), 'siglip': ('spiece.model',)}
 
 
-def _experiment(kind, experiment):
-  spec = experiment or os.path.join(EXPERIMENTS, TEMPLATES[kind])
+def _experiment(kind, experiment, base=None, converted=None):
+  template = TEMPLATES[kind]
+  if kind == 'diffusers-controlnet' and base and not experiment:
+    from zoo.tasks import diffusion  # A task module; convert needs it for ControlNets only.
+    if diffusion.base_run_config(base).task.name == 'text_to_image':
+      # A 3-channel hint is an image (SD's canny / depth / seg ControlNets): 'seg' here.
+      control = 'seg' if converted.kwargs.get('conditioning_channels', 3) == 3 else 'depth'
+      template = (f'{TEXT_CONTROL_TEMPLATE}:smoke=True,base={os.path.abspath(base)},'
+                  f'control={control}')
+  spec = experiment or os.path.join(EXPERIMENTS, template)
   return spec, zoo_config.load(spec, validate_config=False)
 
 
 def run_config(kind, converted, experiment=None, overrides=(), base=None, source=None):
   """The validated experiment config of a converted checkpoint (before anything is written)."""
-  spec, config = _experiment(kind, experiment)
+  spec, config = _experiment(kind, experiment, base, converted)
   task = config.task.name
   if task not in TASKS or kind not in TASKS[task][0]:
     allowed = sorted(t for t, (kinds, _) in TASKS.items() if kind in kinds)

@@ -8,6 +8,7 @@ from zoo.tasks import diffusion
 from zoo.tasks import distill
 from zoo.tasks import inpaint
 from zoo.tasks import lora
+from zoo.tasks import text_controlnet
 from zoo.tasks import text_to_image
 from zoo.tasks import vae
 from zoo.tasks import vlm
@@ -20,6 +21,7 @@ TASKS = {
     'diffusion': diffusion.DiffusionTask,
     'inpaint': inpaint.InpaintTask,
     'progressive_distillation': distill.ProgressiveDistillationTask,
+    'text_controlnet': text_controlnet.TextControlNetTask,
     'text_to_image': text_to_image.TextToImageTask,
     'vae': vae.VAETask,
     'vlm': vlm.VLMTask,

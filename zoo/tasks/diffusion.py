@@ -17,7 +17,7 @@ from zoo import models
 DENOISERS = ('unet', 'dit')  # Models with the (x_t, t, labels=, context=) denoiser signature.
 # Base task keys that must agree: the schedule the base was trained on is the one it denoises.
 _SHARED_TASK_KEYS = ('schedule', 'num_timesteps', 'prediction_type')
-_COMPUTE_FIELDS = ('remat', 'dtype')
+COMPUTE_FIELDS = ('remat', 'dtype')
 SCHEMA = {
     'name': str, 'schedule': str, 'num_timesteps': int, 'prediction_type': str,
     'label_dropout': float, 'sampler': str, 'sample_steps': int, 'eta': float,
@@ -172,7 +172,7 @@ def check_base_run(config, base, model_name, ours):
     raise ValueError(f'{where} trained a {base.model.name!r}; config.model.name='
                      f'{config.model.name!r} builds on a {model_name!r}')
   theirs = models.fields(model_name) | models.kwargs(base.model)
-  differ = [k for k in ours if k not in _COMPUTE_FIELDS and ours[k] != theirs.get(k)]
+  differ = [k for k in ours if k not in COMPUTE_FIELDS and ours[k] != theirs.get(k)]
   differ += [f'task.{k}' for k in _SHARED_TASK_KEYS if config.task[k] != base.task[k]]
   if differ:
     raise ValueError(f'config differs from the base run {where} in {differ}: this model is '
