@@ -48,7 +48,8 @@ def execute(name, tmp_path, monkeypatch, **env):
   assert not [out for c in code for out in c.outputs if out.output_type == 'error']
 
 
-# The multimodal notebooks run from tests/notebooks_multimodal.py (explicitly; not in CI).
+# dual_encoder.ipynb and vlm.ipynb run beside the runs they explore: tests/test_search.py and
+# tests/test_vlm_task.py (their module fixtures), as diffusion.ipynb explores the session's run.
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   execute('quickstart.ipynb', tmp_path, monkeypatch)
 

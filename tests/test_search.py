@@ -272,3 +272,9 @@ def test_search_errors_are_clear(clip_run, tmp_path):
   (index / 'manifest.json').write_text(json.dumps(manifest))
   code, _, err = zoo_cli('search', index, 'a red circle.')
   assert code == 2 and 'made by another model' in err
+
+
+def test_dual_encoder_notebook_explores_the_test_run(clip_run, tmp_path, monkeypatch):
+  """colab/dual_encoder.ipynb in a kernel, on this module's run (it trains none then)."""
+  import test_colab
+  test_colab.execute('dual_encoder.ipynb', tmp_path, monkeypatch, ZOO_CLIP_WORKDIR=clip_run)

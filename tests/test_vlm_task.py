@@ -149,3 +149,9 @@ def test_captioning_trains_and_reports_bleu(tmp_path):
   assert isinstance(caption, str)
   with pytest.raises(ValueError, match='captioning run'):
     ask.ask(str(tmp_path / 'cap'), str(image), ['how many shapes are there?'])
+
+
+def test_vlm_notebook_explores_the_test_run(vqa_run, tmp_path, monkeypatch):
+  """colab/vlm.ipynb in a kernel, on this module's run (it trains none then)."""
+  import test_colab
+  test_colab.execute('vlm.ipynb', tmp_path, monkeypatch, ZOO_VLM_WORKDIR=str(vqa_run[0]))
