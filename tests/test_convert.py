@@ -32,6 +32,7 @@ from zoo import models
 from zoo import runs
 from zoo import train
 from zoo.convert import hub
+from zoo.convert import workdir as workdir_lib
 
 torch.set_num_threads(2)
 
@@ -253,13 +254,16 @@ def test_dual_encoder_converts_searches_and_exports(kind, tmp_path):
   _state_dicts_equal(ref, cls.from_pretrained(tmp_path / 'out'))
 
 
-def test_conditional_unet_round_trips_through_its_config(tmp_path):
-  """SD-style UNet2DConditionModel: config.json -> zoo fields -> config.json -> same model."""
+@pytest.mark.parametrize('mid', ['UNetMidBlock2DCrossAttn', 'UNetMidBlock2D'])
+def test_conditional_unet_round_trips_through_its_config(tmp_path, mid):
+  """SD-style UNet2DConditionModel: config.json -> zoo fields -> config.json -> same model; with
+  a UNetMidBlock2D (one resnet in diffusers) too, and a ControlNetModel made from it."""
   ref = _perturb(UNet2DConditionModel(
       sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
       layers_per_block=1, down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
       up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), attention_head_dim=4,
-      norm_num_groups=8, cross_attention_dim=12, use_linear_projection=True), seed=5)
+      norm_num_groups=8, cross_attention_dim=12, use_linear_projection=True,
+      mid_block_type=mid), seed=5)
   ref.save_pretrained(tmp_path / 'hf')
   converted = hub.read('diffusers-unet', str(tmp_path / 'hf'))
   assert converted.kwargs['num_attention_heads'] == 4 and converted.kwargs['context_dim'] == 12
@@ -274,6 +278,19 @@ def test_conditional_unet_round_trips_through_its_config(tmp_path):
   hub.write('diffusers-unet', converted.kwargs, converted.params, str(tmp_path / 'out'),
             'diffusers')
   _state_dicts_equal(ref, UNet2DConditionModel.from_pretrained(tmp_path / 'out'))
+  net = _perturb(ControlNetModel.from_unet(ref, conditioning_embedding_out_channels=(8,)), seed=6)
+  net.save_pretrained(tmp_path / 'net')
+  control = hub.read('diffusers-controlnet', str(tmp_path / 'net'))
+  got = jax.jit(models.build(models.config('controlnet', **control.kwargs)).apply)(
+      {'params': control.params}, x, t, x[..., :3], context_BxLxD=ctx)
+  with torch.no_grad():
+    down, mid_out = net(_nchw(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx),
+                        controlnet_cond=_nchw(x[..., :3]), return_dict=False)
+  for g, w in zip((*got.down, got.mid), (*down, mid_out)):
+    np.testing.assert_allclose(np.asarray(g), _nhwc(w), atol=1e-4, rtol=0)
+  hub.write('diffusers-controlnet', control.kwargs, control.params, str(tmp_path / 'net_out'),
+            'diffusers')
+  _state_dicts_equal(net, ControlNetModel.from_pretrained(tmp_path / 'net_out'))
 
 
 def test_bad_sources_are_refused_clearly(tmp_path):
@@ -297,10 +314,13 @@ def test_bad_sources_are_refused_clearly(tmp_path):
       '_class_name': 'UNet2DModel', 'block_out_channels': [8], 'act_fn': 'gelu'}))
   with pytest.raises(ValueError, match="act_fn='gelu' is not supported"):
     hub.read('diffusers-unet', str(folder))
-  (folder / 'config.json').write_text(json.dumps({
-      '_class_name': 'ControlNetModel', 'block_out_channels': [8],
-      'mid_block_type': 'UNetMidBlock2D'}))
-  with pytest.raises(ValueError, match='one-resnet mid block'):
-    hub.read('diffusers-controlnet', str(folder))
+  # A ControlNetModel's UNetMidBlock2D is one resnet: over a base whose mid block has two (a
+  # UNet2DModel's), the converter names the field that differs.
+  base = tmp_path / 'base'
+  base.mkdir()
+  (base / 'config.json').write_text(zoo_config.to_json(
+      zoo_config.load(os.path.join(REPO, SMOKE['unet']))))
+  with pytest.raises(ValueError, match='mid_block_layers: controlnet 0 vs base 1'):
+    workdir_lib._on_base({'mid_block_type': 'UNetMidBlock2D', 'mid_block_layers': 0}, str(base))
   assert zoo_main.main(['convert', '--from', 'diffusers-unet', '--in', str(pickled), '--out',
                         str(tmp_path / 'w')]) == 2

@@ -118,6 +118,8 @@ def unet_kwargs(cfg, where='UNet config'):
              mid_block_type=cfg.get('mid_block_type') or 'UNetMidBlock2DCrossAttn')
   if kw['mid_block_type'] not in ('UNetMidBlock2DCrossAttn', 'UNetMidBlock2D'):
     raise ValueError(f'{where}: mid_block_type={kw["mid_block_type"]!r} is not supported')
+  if kw['mid_block_type'] == 'UNetMidBlock2D':  # diffusers' get_mid_block: one resnet.
+    kw |= dict(mid_block_layers=0, mid_block_attention=False)
   return kw
 
 
@@ -136,9 +138,15 @@ def unet_config(kw):
             'flip_sin_to_cos': kw['flip_sin_to_cos'], 'freq_shift': _int_if_whole(kw['freq_shift']),
             'downsample_padding': kw['downsample_padding'],
             'num_class_embeds': kw['num_classes'] + 1 if kw['num_classes'] else None}
+  layers = kw.get('mid_block_layers', 1)
   if not kw.get('context_dim'):
+    if layers != 1:
+      raise ValueError(f'mid_block_layers={layers}: a diffusers UNet2DModel mid block has 1')
     return {'_class_name': 'UNet2DModel', **common, 'attention_head_dim': kw['attention_head_dim'],
             'add_attention': kw['mid_block_attention'], 'mid_block_type': kw['mid_block_type']}
+  if layers != (0 if kw['mid_block_type'] == 'UNetMidBlock2D' else 1):
+    raise ValueError(f"mid_block_layers={layers} with mid_block_type={kw['mid_block_type']!r} has "
+                     'no UNet2DConditionModel equivalent (UNetMidBlock2D: 0, CrossAttn: 1)')
   return {'_class_name': 'UNet2DConditionModel', **common,
           'cross_attention_dim': kw['context_dim'],
           'attention_head_dim': kw['num_attention_heads'],
@@ -155,11 +163,11 @@ def controlnet_extra(cfg):
 
 
 def controlnet_config(kw):
-  cfg = unet_config(kw)
+  if kw['mid_block_type'] == 'UNetMidBlock2D' and kw.get('mid_block_layers', 1) != 0:
+    raise ValueError("a diffusers ControlNetModel's UNetMidBlock2D is one resnet "
+                     f"(mid_block_layers=0); this one has {kw.get('mid_block_layers', 1)}")
+  cfg = unet_config(kw if kw.get('context_dim') else {**kw, 'mid_block_layers': 1})
   if cfg['_class_name'] != 'UNet2DConditionModel':  # Cross-attention width unused: no blocks.
-    if kw['mid_block_type'] == 'UNetMidBlock2D' and kw['mid_block_attention']:
-      raise ValueError('a diffusers ControlNetModel has no attention in a UNetMidBlock2D; this '
-                       'base has mid_block_attention=True')
     cfg = {**cfg, 'cross_attention_dim': 1280}
   cfg = {k: v for k, v in cfg.items() if k not in ('up_block_types', 'out_channels',
                                                    'add_attention')}

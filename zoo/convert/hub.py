@@ -111,16 +111,14 @@ def read(kind, path, *, num_heads=None):
                      diffusers_convert.state_dict_to_params(state_dict), 'diffusers')
   if kind == 'diffusers-controlnet':
     config = _need_config(config, path, kind, ('ControlNetModel',))
-    if config.get('mid_block_type') == 'UNetMidBlock2D':
-      raise ValueError(f'{path}/config.json: a ControlNetModel with mid_block_type='
-                       "'UNetMidBlock2D' has a one-resnet mid block; zoo's ControlNet copies "
-                       "its base UNet's (two resnets), so it has no equivalent")
     # Without cross-attention blocks its `cross_attention_dim` (always stored) is unused.
     crossattn = 'CrossAttn' in ' '.join((*config.get('down_block_types', ('CrossAttn',)),
                                          config.get('mid_block_type') or 'CrossAttn'))
     as_unet = {**config, '_class_name': 'UNet2DConditionModel' if crossattn else 'UNet2DModel'}
     kwargs = (configs.unet_kwargs(as_unet, f'{path}/config.json')
               | configs.controlnet_extra(config))
+    if config.get('mid_block_type') == 'UNetMidBlock2D':  # One resnet, as in diffusers.
+      kwargs |= dict(mid_block_layers=0, mid_block_attention=False)
     return Converted('controlnet', kwargs, diffusers_convert.state_dict_to_params(state_dict),
                      'diffusers')
   if kind == 'dit':

@@ -88,7 +88,8 @@ def run_config(kind, converted, experiment=None, overrides=(), base=None, source
 # ControlNetModel config fields that must equal the base UNet's (the rest it does not store).
 _SHARED = ('in_channels', 'block_out_channels', 'layers_per_block', 'down_block_types',
            'norm_num_groups', 'norm_eps', 'flip_sin_to_cos', 'freq_shift', 'downsample_padding',
-           'num_classes', 'context_dim', 'mid_block_type', 'attention_head_dim')
+           'num_classes', 'context_dim', 'mid_block_type', 'mid_block_layers',
+           'attention_head_dim')
 
 
 def _on_base(kwargs, base):

@@ -92,6 +92,9 @@ class UNet(nn.Module):
   `attention_head_dim`), `transformer_layers_per_block` transformer blocks each and a 1x1-conv
   (or, with `use_linear_projection`, linear) proj_in/proj_out. `context_mask_BxL` (True = real
   token; diffusers' `encoder_attention_mask`) hides padded context tokens from every attention.
+  `mid_block_layers` is diffusers' mid-block `num_layers`: resnets_0, then that many (attention,
+  resnet) pairs; UNet2DModel has 1, a UNet2DConditionModel or ControlNetModel with
+  mid_block_type='UNetMidBlock2D' has 0 (one resnet, no attention).
   `remat` recomputes each resnet/attention/transformer block in the backward pass (same values,
   less activation memory). Output is float32 whatever the compute `dtype`.
   """
@@ -103,6 +106,7 @@ class UNet(nn.Module):
   up_block_types: tuple = ('UpBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UpBlock2D')
   mid_block_attention: bool = True
   mid_block_type: str = 'UNetMidBlock2D'
+  mid_block_layers: int = 1
   attention_head_dim: int | None = 8
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
@@ -186,7 +190,8 @@ class UNet(nn.Module):
       h = nn.with_logical_constraint(h, ACT_AXES)
     mid_cross = self.mid_block_type == 'UNetMidBlock2DCrossAttn'
     h = blocks.MidBlock(self.block_out_channels[-1], self.mid_block_attention and not mid_cross, s,
-                 mid_cross, name='mid_block')(h, temb, ctx[0], train, ctx[1])
+                        mid_cross, self.mid_block_layers, name='mid_block')(
+                            h, temb, ctx[0], train, ctx[1])
     return h, skips
 
   @nn.compact
@@ -260,7 +265,8 @@ def _check_widths(kw):
                    if b.startswith('Attn')]
   attn_channels += [ch for ch, b in zip(kw['block_out_channels'][::-1], kw['up_block_types'])
                     if b.startswith('Attn')]
-  if kw['mid_block_attention'] and kw['mid_block_type'] == 'UNetMidBlock2D':
+  if kw['mid_block_attention'] and kw['mid_block_type'] == 'UNetMidBlock2D' and kw[
+      'mid_block_layers']:
     attn_channels.append(kw['block_out_channels'][-1])
   for ch in attn_channels:
     if head_dim < 0 or (head_dim and ch % head_dim):
@@ -273,7 +279,7 @@ def _cross_attention_widths(kw):
   chans = kw['block_out_channels']
   widths = [ch for ch, b in zip(chans, kw['down_block_types']) if b.startswith('CrossAttn')]
   widths += [ch for ch, b in zip(chans[::-1], kw['up_block_types']) if b.startswith('CrossAttn')]
-  if kw['mid_block_type'] == 'UNetMidBlock2DCrossAttn':
+  if kw['mid_block_type'] == 'UNetMidBlock2DCrossAttn' and kw['mid_block_layers']:
     widths.append(chans[-1])
   return widths
 
@@ -291,6 +297,10 @@ def _check_cross_attention(kw):
     if ch % kw['num_attention_heads']:
       raise ValueError(f"model.num_attention_heads={kw['num_attention_heads']} must divide "
                        f'cross-attention block width {ch}')
+  if kw['mid_block_layers'] < 0 or (kw['mid_block_layers'] == 0 and (
+      kw['mid_block_attention'] or kw['mid_block_type'] != 'UNetMidBlock2D')):
+    raise ValueError(f"model.mid_block_layers={kw['mid_block_layers']} must be >= 1, or 0 with "
+                     "mid_block_type='UNetMidBlock2D' and mid_block_attention=False (one resnet)")
   if kw['mid_block_type'] == 'UNetMidBlock2DCrossAttn' and not kw['mid_block_attention']:
     raise ValueError("model.mid_block_attention=False contradicts mid_block_type="
                      "'UNetMidBlock2DCrossAttn' (it always has attention); use 'UNetMidBlock2D'")

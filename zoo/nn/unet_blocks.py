@@ -182,18 +182,22 @@ class UpBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-  """`UNetMidBlock2D` / `UNetMidBlock2DCrossAttn`: resnets_0, optional attentions_0, resnets_1."""
+  """`UNetMidBlock2D` / `UNetMidBlock2DCrossAttn`: resnets_0, then `layers` times an optional
+  attentions_i and resnets_{i+1} (diffusers' num_layers)."""
   channels: int
   attention: bool
   s: BlockSettings
   cross_attention: bool = False
+  layers: int = 1
 
   @nn.compact
   def __call__(self, h, temb, context, train, context_mask=None):
     h = self.s.resnet(self.channels, 'resnets_0')(h, temb, train)
-    h = self.s.attend(_kind(self.attention, self.cross_attention), 'attentions_0', h, context,
-                      context_mask)
-    return self.s.resnet(self.channels, 'resnets_1')(h, temb, train)
+    for i in range(self.layers):
+      h = self.s.attend(_kind(self.attention, self.cross_attention), f'attentions_{i}', h,
+                        context, context_mask)
+      h = self.s.resnet(self.channels, f'resnets_{i + 1}')(h, temb, train)
+    return h
 
 
 def check_resolution(size: int, num_levels: int, model: str, what: str = 'resolution'):
