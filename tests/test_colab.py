@@ -37,6 +37,10 @@ def execute(name, tmp_path, monkeypatch, **env):
   assert not any(c.outputs or c.execution_count for c in code), 'stored with outputs'
   monkeypatch.setenv('TMPDIR', str(tmp_path))  # The kernel's tempfile.gettempdir().
   monkeypatch.setenv('ZOO_NOTEBOOK_SMOKE', '1')
+  # One device, as on Colab (not the 8 fake CPU devices of the tests: a run loaded over them
+  # computes every sample 8 times over on 2 cores).
+  flags = [f for f in os.environ['XLA_FLAGS'].split() if 'device_count' not in f]
+  monkeypatch.setenv('XLA_FLAGS', ' '.join([*flags, '--xla_force_host_platform_device_count=1']))
   for key, value in env.items():
     monkeypatch.setenv(key, value)
   NotebookClient(book, timeout=900, kernel_name='python3',

@@ -19,7 +19,7 @@ from zoo.pipelines import ask
 def vqa_run(tmp_path_factory):
   """The mid-fusion smoke experiment: 20 steps on tiny32, then its VQA evaluation."""
   workdir = tmp_path_factory.mktemp('vlm') / 'mid'
-  config = zoo_config.load('experiments/vlm_mid_shapes.py:smoke=True')
+  config = zoo_config.load('experiments/vlm_mid_shapes.py:smoke=True', ['--config.mesh.data=1'])
   state = train.train_and_evaluate(config, str(workdir))
   return workdir, config, state
 
