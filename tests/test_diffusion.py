@@ -291,13 +291,18 @@ def test_ddpm_equals_ddim_with_eta_one():
   np.testing.assert_allclose(run(sampler='ddpm'), run(sampler='ddim', eta=1.0), atol=1e-4)
 
 
-def test_sampler_visits_respaced_timesteps_in_descending_order():
-  sched = diffusion.Schedule.create('linear', T)
-  seen = []
-
+def _zero_model_recording(seen):
+  """model_fn(x, t_B) = 0 that appends each call's timesteps to `seen`."""
   def model_fn(x, t_B):
     jax.debug.callback(lambda t: seen.append(np.asarray(t).tolist()), t_B, ordered=True)
     return jnp.zeros_like(x)
+  return model_fn
+
+
+def test_sampler_visits_respaced_timesteps_in_descending_order():
+  sched = diffusion.Schedule.create('linear', T)
+  seen = []
+  model_fn = _zero_model_recording(seen)
 
   diffusion.sample(model_fn, sched, jnp.zeros((2, 1)), jax.random.key(0), steps=7)
   jax.effects_barrier()
@@ -307,10 +312,7 @@ def test_sampler_visits_respaced_timesteps_in_descending_order():
 def test_steps_offset_shifts_the_grid_and_set_alpha_to_one_sets_the_last_target():
   sched = diffusion.Schedule.create('scaled_linear', T)
   seen = []
-
-  def model_fn(x, t_B):
-    jax.debug.callback(lambda t: seen.append(np.asarray(t).tolist()), t_B, ordered=True)
-    return jnp.zeros_like(x)
+  model_fn = _zero_model_recording(seen)
 
   x_T = jnp.ones((1, 1))
   run = functools.partial(diffusion.sample, model_fn, sched, x_T, jax.random.key(0), steps=4,

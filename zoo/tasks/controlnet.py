@@ -41,6 +41,20 @@ def _check_base(config, base):
   diffusion_task.check_base_run(config, base, BASES[name], ours)
 
 
+def check_control(config):
+  """config.task.control names a hint computed from a data feature the config reads, with the
+  ControlNet's conditioning_channels."""
+  task = config.task
+  control = conditions.get(task.control)
+  if control.feature not in tuple(config.data.features):
+    raise ValueError(f'config.task.control={task.control!r} is computed from the data feature '
+                     f'{control.feature!r}: add it to config.data.features '
+                     f'(now {tuple(config.data.features)})')
+  if config.model.conditioning_channels != control.channels:
+    raise ValueError(f'config.model.conditioning_channels={config.model.conditioning_channels}'
+                     f' but the {task.control!r} hint has {control.channels} channel(s)')
+
+
 class ControlNetTask(diffusion_task.DiffusionTask):
   """`init`, `loss`, `predict['sample' | 'inpaint']` of a ControlNet over a frozen base."""
 
@@ -48,14 +62,7 @@ class ControlNetTask(diffusion_task.DiffusionTask):
   def check_config(config):
     task = config.task
     diffusion_task.check_denoiser_task(config, SCHEMA, BASES)
-    control = conditions.get(task.control)
-    if control.feature not in tuple(config.data.features):
-      raise ValueError(f'config.task.control={task.control!r} is computed from the data feature '
-                       f'{control.feature!r}: add it to config.data.features '
-                       f'(now {tuple(config.data.features)})')
-    if config.model.conditioning_channels != control.channels:
-      raise ValueError(f'config.model.conditioning_channels={config.model.conditioning_channels}'
-                       f' but the {task.control!r} hint has {control.channels} channel(s)')
+    check_control(config)
     if not 0.0 <= task.label_dropout < 1.0:
       raise ValueError(f'config.task.label_dropout={task.label_dropout} must lie in [0, 1)')
     if not task.base_from:

@@ -28,6 +28,7 @@ from zoo import config as zoo_config
 from zoo import diffusion
 from zoo import models
 from zoo.models import controlnet
+from zoo.tasks import controlnet as controlnet_task
 from zoo.tasks import diffusion as diffusion_task
 from zoo.tasks import text_to_image
 
@@ -76,14 +77,7 @@ class TextControlNetTask:
       raise ValueError(f'config.task.caption_dropout={task.caption_dropout} must lie in [0, 1)')
     if 'text' not in config.data:
       raise ValueError('a text ControlNet reads captions: set config.data.text (the base run\'s)')
-    control = conditions.get(task.control)
-    if control.feature not in tuple(config.data.features):
-      raise ValueError(f'config.task.control={task.control!r} is computed from the data feature '
-                       f'{control.feature!r}: add it to config.data.features '
-                       f'(now {tuple(config.data.features)})')
-    if config.model.conditioning_channels != control.channels:
-      raise ValueError(f'config.model.conditioning_channels={config.model.conditioning_channels}'
-                       f' but the {task.control!r} hint has {control.channels} channel(s)')
+    controlnet_task.check_control(config)
     if not task.base_from:
       raise ValueError('config.task.base_from must name the text_to_image run to control')
     if os.path.isfile(os.path.join(task.base_from, 'config.json')):
