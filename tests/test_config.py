@@ -64,7 +64,7 @@ def test_override_types_and_values():
     (['--config.task.name=gan'],
      r"config.task.name='gan' is not one of \['classification', 'consistency_distillation', "
      r"'contrastive', 'controlnet', 'diffusion', 'inpaint', 'progressive_distillation', "
-     r"'text_to_image', 'vae', 'vlm'\]"),
+     r"'text_controlnet', 'text_to_image', 'vae', 'vlm'\]"),
     (['--config.task.sampler=plms'],
      r"config.task.sampler='plms' is not one of \['ddpm', 'ddim', 'dpmpp_2m', 'euler', 'heun'\]"),
     (['--config.task.schedule=sqrt'], r"config.task.schedule='sqrt' is not one of"),

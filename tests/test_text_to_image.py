@@ -26,7 +26,8 @@ from conftest import leaves
 
 LDM = os.path.join(REPO, 'experiments', 'ldm_t2i_shapes.py')
 VAE = os.path.join(REPO, 'experiments', 'vae_shapes.py')
-QUIET = ['--config.train.progress_bar=false']
+# One device: a run laid over the 8 test devices computes every call 8 times on 2 cores.
+QUIET = ['--config.train.progress_bar=false', '--config.mesh.data=1']
 
 
 def text_data(**overrides):

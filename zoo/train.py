@@ -104,11 +104,21 @@ class Setup:
   state_shardings: dict
   abstract_state: dict
 
-  def init(self, rng):
-    """A fresh state, each array created directly on its devices."""
+  def init(self, rng, skip=()):
+    """A fresh state, each array created directly on its devices.
+
+    Top-level params in `skip` (about to be loaded: pretrained parts, `init_from`) come out as
+    zeros, so XLA drops their random init; the other params are the same values either way
+    (optimizer state is zeros whatever the params; EMA follows the loaded params).
+    """
     def fn(r):
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract_batch)
-      return nn.unbox(init_state(r, zeros, task=self.task, tx=self.tx))
+      state = nn.unbox(init_state(r, zeros, task=self.task, tx=self.tx))
+      if not skip:
+        return state
+      params = {k: jax.tree.map(jnp.zeros_like, v) if k in skip else v
+                for k, v in state['params'].items()}
+      return {**state, 'params': params, 'ema_params': params}
     return jax.jit(fn, out_shardings=self.state_shardings)(rng)
 
 
@@ -147,13 +157,15 @@ def _first_state(s, ckpt, data, rng):
     data.set_state(position)
     log.info('resumed from step %d', int(state['step']))
     return state
-  state = s.init(rng)
+  pretrained = getattr(s.task, 'pretrained', {})
+  skip = tuple(s.abstract_state['params']) if s.config.get('init_from', '') else tuple(pretrained)
+  state = s.init(rng, skip)
   params = state['params']
   if s.config.get('init_from', ''):
     params = checkpoint.load_params(os.path.join(s.config.init_from, 'checkpoints'),
                                     s.abstract_state['params'])
     log.info('initialised params from %s', s.config.init_from)
-  for key, source in getattr(s.task, 'pretrained', {}).items():
+  for key, source in pretrained.items():
     params = {**params, key: checkpoint.load_params(
         os.path.join(source.workdir, 'checkpoints'), s.abstract_state['params'][key],
         use_ema=source.use_ema, subtree=source.subtree, ignore=source.ignore)}

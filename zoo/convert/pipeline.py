@@ -11,7 +11,8 @@ the scheduler's β schedule, prediction type and DDIM grid (`timestep_spacing`, 
 initial latents; `export` writes the folder back (scheduler as a DDIMScheduler).
 
 Refused by name: other pipelines (SDXL's second text encoder, img2img-only classes), scheduler
-β schedules zoo's `scaled_linear` / `linear` do not reproduce, thresholding, zero-SNR rescaling.
+β schedules other than SD's scaled_linear from 0.00085 to 0.012, thresholding, zero-SNR
+rescaling.
 """
 
 import json
@@ -27,7 +28,8 @@ from zoo.convert import transformers as hf_convert
 
 TEMPLATE = 'ldm_t2i_shapes.py:smoke=True'
 PIPELINES = ('StableDiffusionPipeline',)
-# diffusers scheduler fields -> what the zoo reproduces (None = any value is read below).
+# The β schedules the zoo reproduces (name -> beta_start, beta_end), and scheduler fields that
+# must keep their default.
 _SD_BETAS = {'scaled_linear': (0.00085, 0.012)}
 _PREDICTIONS = {'epsilon': 'epsilon', 'v_prediction': 'v', 'sample': 'x0'}
 _REFUSED = {'trained_betas': None, 'thresholding': False, 'rescale_betas_zero_snr': False}
