@@ -27,6 +27,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from zoo import files
+
 NAME = 'zoo_latents'
 VERSION = '1.0.0'
 MOMENTS = 'moments'
@@ -99,7 +101,7 @@ def write(out_dir: str, provenance: dict[str, Any], **builder_kw) -> tfds.core.D
   if builder.is_prepared():
     raise FileExistsError(f'{builder.data_dir} already holds latents: choose another --out')
   builder.download_and_prepare(file_format='array_record')
-  with open(os.path.join(builder.data_dir, PROVENANCE), 'w') as f:
+  with files.atomic_open(os.path.join(builder.data_dir, PROVENANCE)) as f:
     json.dump(provenance, f, indent=2, sort_keys=True)
   return builder
 

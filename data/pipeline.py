@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 from data import captions
 from data import extra_features
 from data import qa
+from data import records
 from data.digits import digits_dataset_builder
 from data.shapes import shapes_dataset_builder
 
@@ -198,43 +199,6 @@ def get_builder(data_cfg) -> tfds.core.DatasetBuilder:
   return _prepared_tfds_builder(spec, resolve_data_dir(data_cfg.data_dir))
 
 
-class _Source:
-  """Random-access records of one split; read errors name the dataset and its files."""
-
-  def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
-    self._where = f'dataset {builder.info.full_name!r} split {split!r} in {builder.data_dir}'
-    self._source = builder.as_data_source(split)
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def read(self, indices: np.ndarray) -> list[dict[str, Any]]:
-    """Decoded examples at `indices`, read in one batched call."""
-    try:
-      return self._source.__getitems__([int(i) for i in indices])
-    except Exception as e:
-      raise RuntimeError(f'Failed reading records {list(indices)[:8]}... of {self._where}: {e}') from e
-
-
-class _MixedSource:
-  """Several sources as one: record `offsets[i] + j` is record j of source i."""
-
-  def __init__(self, sources: list[_Source]):
-    self._sources = sources
-    self.offsets = np.cumsum([0] + [len(s) for s in sources])
-
-  def read(self, indices: np.ndarray) -> list[dict[str, Any]]:
-    indices = np.asarray(indices)
-    which = np.searchsorted(self.offsets, indices, side='right') - 1
-    out: list[Any] = [None] * len(indices)
-    for i, source in enumerate(self._sources):
-      at = np.flatnonzero(which == i)
-      if at.size:
-        for pos, example in zip(at, source.read(indices[at] - self.offsets[i])):
-          out[pos] = example
-    return out
-
-
 def _check_same_features(builders: list[tfds.core.DatasetBuilder], spec: str) -> None:
   first = builders[0].info.features
   for builder in builders[1:]:
@@ -284,13 +248,20 @@ def resize_square(img_HxWxC: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def preprocess(example: dict[str, Any], *, image_key: str, label_key: str, resolution: int,
-               extras: tuple[extra_features.Extra, ...] = ()) -> dict[str, np.ndarray]:
-  """Maps a decoded uint8 example to {'image': RxRxC float32 in [-1, 1], 'label': int32, *extras}."""
+               extras: tuple[extra_features.Extra, ...] = (),
+               channels: int | None = None) -> dict[str, np.ndarray]:
+  """Maps a decoded uint8 example to {'image': RxRxC float32 in [-1, 1], 'label': int32, *extras}.
+
+  `channels`: the channel count every image must have (the dataset's feature declares it).
+  """
   img = np.asarray(example[image_key])
   if img.dtype != np.uint8:
     raise ValueError(f'data.image_key={image_key!r} has dtype {img.dtype}; only uint8 images are supported.')
   if img.ndim == 2:
     img = img[..., None]
+  if img.ndim != 3 or min(img.shape) == 0 or (channels and img.shape[-1] != channels):
+    raise ValueError(f'data.image_key={image_key!r} has shape {img.shape}; the dataset declares '
+                     f'HxWx{channels} images')
   img_RxRxC = np.clip(resize_square(img, resolution), 0.0, 255.0)
   out = {'image': img_RxRxC * np.float32(1 / 127.5) - np.float32(1.0)}
   if label_key:
@@ -300,11 +271,16 @@ def preprocess(example: dict[str, Any], *, image_key: str, label_key: str, resol
   return out
 
 
-def _read_batch(k: int, indices_L: np.ndarray, *, source: '_Source | _MixedSource',
+def _read_batch(k: int, indices_L: np.ndarray, *, source: 'records.Source | records.MixedSource',
                 texts: tuple, **preprocess_kw) -> dict[str, np.ndarray]:
   """Batch k (its global index) of examples `indices_L`, preprocessed and stacked."""
   raw = source.read(indices_L)
-  examples = [preprocess(ex, **preprocess_kw) for ex in raw]
+  examples = []
+  for index, example in zip(indices_L, raw):
+    try:
+      examples.append(preprocess(example, **preprocess_kw))
+    except (ValueError, TypeError, KeyError) as e:
+      raise ValueError(f'{source.describe(index)}: {e}') from e
   batch = {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
   for text in texts:
     batch |= text.tokens(raw, indices_L, k)
@@ -420,8 +396,8 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
     texts.append(qa.QuestionAnswers(data_cfg.qa, seed))
   image_shape = builder.info.features[data_cfg.image_key].shape
   channels = image_shape[-1] if len(image_shape) == 3 else 1
-  sources = [_Source(b, split) for b in builders]
-  source = sources[0] if len(sources) == 1 else _MixedSource(sources)
+  sources = [records.Source(b, split) for b in builders]
+  source = sources[0] if len(sources) == 1 else records.MixedSource(sources)
   local = global_batch_size // process_count
 
   # grain shuffles and batches indices only: one batched record read per batch is far
@@ -436,7 +412,8 @@ def get_dataset(data_cfg, *, split: str, seed: int, global_batch_size: int,
       raise ValueError(f'{split!r} of {data_cfg.name!r} has {n} examples, fewer than global_batch_size={global_batch_size}.')
   ds = ds[process_index::process_count].map_with_index(functools.partial(
       _read_batch, source=source, texts=tuple(texts), image_key=data_cfg.image_key,
-      label_key=data_cfg.label_key, resolution=data_cfg.resolution, extras=extras))
+      label_key=data_cfg.label_key, resolution=data_cfg.resolution, extras=extras,
+      channels=channels))
 
   r = data_cfg.resolution
   spec = {'image': ((local, r, r, channels), np.dtype(np.float32))}

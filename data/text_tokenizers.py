@@ -36,6 +36,7 @@ from data.shapes import generate
 from data.shapes import grammar
 from data.shapes import questions
 from data.shapes import relations
+from zoo import files
 
 WORKDIR_SUBDIR = 'tokenizer'
 
@@ -393,8 +394,7 @@ def save(tokenizer: Tokenizer, directory: str) -> list[str]:
                            "workdir's checkpoints were trained with: use a new workdir (or "
                            'delete the file if the ids did not change)')
     else:
-      os.makedirs(directory, exist_ok=True)
-      with open(path, 'wb') as f:
+      with files.atomic_open(path, 'wb') as f:  # Makes the directory too.
         f.write(content)
     written.append(path)
   return written

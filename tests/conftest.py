@@ -16,6 +16,9 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='zoo_xla_cache_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# What the reliability tests inject, summed over pytest-xdist's workers into the summary line.
+os.environ.setdefault('ZOO_RELIABILITY_LOG', os.path.join(
+    tempfile.mkdtemp(prefix='zoo_reliability_'), 'counts.jsonl'))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -24,6 +27,28 @@ import pytest  # noqa: E402
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def record_reliability(**counts):
+  """Adds to the reliability suite's totals (kills_survived, configs_rejected, ...)."""
+  import json
+  with open(os.environ['ZOO_RELIABILITY_LOG'], 'a') as f:
+    f.write(json.dumps(counts) + '\n')
+
+
+def pytest_terminal_summary(terminalreporter):
+  import collections
+  import json
+  path = os.environ.get('ZOO_RELIABILITY_LOG', '')
+  if not os.path.exists(path):
+    return
+  totals = collections.Counter()
+  with open(path) as f:
+    for line in f:
+      totals.update(json.loads(line))
+  terminalreporter.write_line(
+      'reliability suite: ' + ', '.join(f'{v} {k.replace("_", " ")}' for k, v in
+                                        sorted(totals.items())))
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -105,14 +130,9 @@ def perturbed_hf_model(cls, config, seed=0):
   return perturb(cls(config), seed + 1)
 
 
-@pytest.fixture(scope='session')
-def shapes_diffusion_run(tmp_path_factory, worker_id):
-  """(workdir, config, final state) of experiments/shapes_diffusion.py:smoke=True (20 steps, 1
-  device), trained once per test session: pytest-xdist's workers share it under a file lock.
-
-  Shared: the engine test checks it, the ControlNet, distillation, LoRA, inpainting, generation
-  and notebook tests build on it (read-only).
-  """
+def _shared_run(tmp_path_factory, worker_id, name, spec, overrides):
+  """(workdir, config, final state) of `zoo train` on experiment `spec`, trained once per test
+  session: pytest-xdist's workers share it under a file lock (read-only afterwards)."""
   import fcntl
   from zoo import config as zoo_config
   from zoo import runs
@@ -120,15 +140,31 @@ def shapes_diffusion_run(tmp_path_factory, worker_id):
   root = tmp_path_factory.getbasetemp()
   if worker_id != 'master':
     root = root.parent  # The session's directory, above each worker's own.
-  workdir = root / 'shapes_diffusion'
-  with open(root / 'shapes_diffusion.lock', 'w') as lock:
+  workdir = root / name
+  with open(root / f'{name}.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if (workdir / 'trained').exists():
       config, _, state = runs.load(str(workdir))
       return workdir, config, state
-    config = zoo_config.load(os.path.join(REPO, 'experiments', 'shapes_diffusion.py:smoke=True'),
-                             ['--config.evals.samples.per_label=1', '--config.mesh.data=1',
-                              '--config.train.progress_bar=false'])
+    config = zoo_config.load(os.path.join(REPO, 'experiments', spec),
+                             ['--config.mesh.data=1', '--config.train.progress_bar=false',
+                              *overrides])
     state = train.train_and_evaluate(config, str(workdir))
     (workdir / 'trained').touch()
     return workdir, config, state
+
+
+@pytest.fixture(scope='session')
+def shapes_diffusion_run(tmp_path_factory, worker_id):
+  """experiments/shapes_diffusion.py:smoke=True (20 steps, 1 device), shared by the engine,
+  ControlNet, distillation, LoRA, inpainting, generation and notebook tests."""
+  return _shared_run(tmp_path_factory, worker_id, 'shapes_diffusion',
+                     'shapes_diffusion.py:smoke=True', ['--config.evals.samples.per_label=1'])
+
+
+@pytest.fixture(scope='session')
+def vae_smoke_run(tmp_path_factory, worker_id):
+  """experiments/vae_shapes.py:smoke=True,steps=2 without evaluators (1 device), the frozen VAE
+  of the latent-diffusion and latents tests."""
+  return _shared_run(tmp_path_factory, worker_id, 'vae_smoke', 'vae_shapes.py:smoke=True,steps=2',
+                     ['--config.evals={}'])

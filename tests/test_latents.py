@@ -33,10 +33,10 @@ def train_vae(workdir, seed=0):
 
 
 @pytest.fixture(scope='module')
-def written(tmp_path_factory):
+def written(tmp_path_factory, vae_smoke_run):
   """(vae workdir, latents dir): a smoke VAE and its latents of tiny64's train and validation."""
   root = tmp_path_factory.mktemp('latents')
-  vae_dir = train_vae(str(root / 'vae'))
+  vae_dir = str(vae_smoke_run[0])
   out = str(root / 'latents')
   argv = ['latents', '--config', f'{LDM}:smoke=True,vae={vae_dir}', '--out', out,
           '--batch-size', '48']

@@ -25,7 +25,6 @@ from conftest import assert_same
 from conftest import leaves
 
 LDM = os.path.join(REPO, 'experiments', 'ldm_t2i_shapes.py')
-VAE = os.path.join(REPO, 'experiments', 'vae_shapes.py')
 # One device: a run laid over the 8 test devices computes every call 8 times on 2 cores.
 QUIET = ['--config.train.progress_bar=false', '--config.mesh.data=1']
 
@@ -175,11 +174,8 @@ def test_text_to_image_inpainting(pixel_run):
                               np.zeros(2, np.int32))
 
 
-def test_latent_run_freezes_the_vae_it_loads(tmp_path):
-  vae_dir, ldm_dir = str(tmp_path / 'vae'), str(tmp_path / 'ldm')
-  vae_config = zoo_config.load(f'{VAE}:smoke=True,steps=2', QUIET)
-  vae_config.evals = zoo_config.ConfigDict()
-  train.train_and_evaluate(vae_config, vae_dir)
+def test_latent_run_freezes_the_vae_it_loads(tmp_path, vae_smoke_run):
+  vae_dir, ldm_dir = str(vae_smoke_run[0]), str(tmp_path / 'ldm')
   config = zoo_config.load(f'{LDM}:smoke=True,steps=2,vae={vae_dir}', QUIET)
   config.evals = zoo_config.ConfigDict()
   state = train.train_and_evaluate(config, ldm_dir)

@@ -11,8 +11,6 @@ import optax
 import PIL.Image
 import pytest
 
-import data as data_lib
-from zoo import checkpoint
 from zoo import config as zoo_config
 from zoo import metrics
 from zoo import optim
@@ -164,54 +162,6 @@ def test_sharded_equals_single_device(tmp_path):
   assert_trees(results['single'], results['data4_fsdp2'], exact=False, rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(_losses(tmp_path / 'single'), _losses(tmp_path / 'data4_fsdp2'),
                              rtol=1e-4)
-
-
-class _PoisonedBatches:
-  """Wraps an input pipeline and turns batch `bad` into NaNs (a corrupt record)."""
-
-  def __init__(self, batches, bad):
-    self.batches, self.bad, self.count = batches, bad, 0
-
-  def __next__(self):
-    batch = next(self.batches)
-    self.count += 1
-    if self.count == self.bad:
-      batch = dict(batch, image=np.full_like(batch['image'], np.nan))
-    return batch
-
-  def __getattr__(self, name):
-    return getattr(self.batches, name)
-
-
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-  real = data_lib.get_dataset
-  monkeypatch.setattr(data_lib, 'get_dataset',
-                      lambda *a, **k: _PoisonedBatches(real(*a, **k), bad=5))
-  config = smoke_config('--config.train.steps=10', '--config.train.checkpoint_every=2',
-                        '--config.evals={}', '--config.mesh.data=1')
-  with pytest.raises(FloatingPointError, match='at step 5'):
-    train.train_and_evaluate(config, str(tmp_path))
-  monkeypatch.undo()
-  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
-  assert ckpt.latest_step() == 4
-  ckpt.close()
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params_of(str(tmp_path))))
-
-
-def test_checkpoint_of_another_model_is_refused_with_a_readable_list(tmp_path):
-  small = ['--config.train.steps=2', '--config.train.checkpoint_every=2', '--config.evals={}',
-           '--config.mesh.data=1']
-  train.train_and_evaluate(smoke_config(*small), str(tmp_path / 'a'))
-  other = smoke_config(*small, '--config.model.block_out_channels=(16,32)',
-                       '--config.train.steps=4')
-  with pytest.raises(ValueError, match=r'does not fit this model') as err:
-    train.train_and_evaluate(other, str(tmp_path / 'a'))
-  assert ('down_blocks_1/resnets_0/conv1/kernel checkpoint (3, 3, 16, 24) vs model (3, 3, 16, 32)'
-          in str(err.value))
-  with pytest.raises(ValueError, match=r'does not fit this model'):
-    train.train_and_evaluate(smoke_config(*small, '--config.model.block_out_channels=(16,32)',
-                                          f'--config.init_from={tmp_path / "a"}'),
-                             str(tmp_path / 'b'))
 
 
 def test_init_from_loads_another_runs_params(tmp_path):

@@ -4,8 +4,17 @@ A step directory holds two items: `state` (`{step, params, opt_state, ema_params
 straight into its shardings) and `data` (the input pipeline's JSON position), so a resumed run
 sees exactly the batches an uninterrupted one would. Before any restore the stored tree is
 compared with the one this config builds, and a mismatch lists the differing keys and shapes.
+
+A third item, `integrity`, holds a checksum of every array (the mod-2^32 sum of its 32-bit
+words: independent of sharding, it changes with any flipped bit). Orbax itself loads flipped
+bits without complaint, so every restore recomputes the sums; a checkpoint that fails to read or
+to match is moved aside to `checkpoints/corrupt/STEP` and training falls back to the previous
+one with a warning naming both steps. A save that fails (a full disk) raises an OSError naming
+the step and the directory; Orbax writes into a temporary directory and renames it only when
+complete, so the previous checkpoints stay intact.
 """
 
+import contextlib
 import logging
 import os
 import typing
@@ -30,13 +39,14 @@ class Source(typing.NamedTuple):
 
 
 class Checkpointer:
-  """An async Orbax CheckpointManager over `workdir/checkpoints`."""
+  """An async Orbax CheckpointManager over `workdir/checkpoints`, with checksums and fallback."""
 
   def __init__(self, directory, *, max_to_keep=3, async_save=True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     self._manager = _manager(self.directory, options)
+    self._saving = None
 
   def latest_step(self):
     """The newest finished checkpoint step, or None."""
@@ -44,31 +54,150 @@ class Checkpointer:
 
   def save(self, step, state, data_state):
     """Starts saving `state` and the data position at `step` (returns once copied to host)."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+    self.wait()  # Orbax's save waits for the previous one too: this names the step that failed.
+    self._saving = step
+    with self._failures(step):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          integrity=ocp.args.JsonSave({'word_sums': word_sums(state)})))
 
   def restore(self, abstract_state, step=None):
-    """(state, data_position) of `step` (default latest), laid out as `abstract_state` says."""
-    step = self.latest_step() if step is None else step
-    stored, where = self.stored_tree(step), f'{self.directory}/{step}'
-    # Params first: their names are the readable ones; optimizer slots only mirror them.
-    check_compatible(stored['params'], abstract_state['params'], where + '/params')
-    check_compatible(stored, abstract_state, where)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored.state, restored.data
+    """(state, data_position) of `step` (default: the newest readable one), laid out as
+    `abstract_state` says. A corrupt newest checkpoint is moved aside with a warning and the
+    one before it restored; a checkpoint of another model raises the difference at once."""
+    steps = [step] if step is not None else sorted(self._manager.all_steps(), reverse=True)
+    for i, s in enumerate(steps):
+      where = f'{self.directory}/{s}'
+      try:
+        stored = self.stored_tree(s)
+      except Exception as e:  # pylint: disable=broad-except
+        stored, error = None, e
+      if stored is not None:
+        # Params first: their names are the readable ones; optimizer slots only mirror them.
+        check_compatible(stored['params'], abstract_state['params'], where + '/params')
+        check_compatible(stored, abstract_state, where)
+        try:
+          restored = _restore_verified(self._manager, s, where, {
+              'state': ocp.args.StandardRestore(abstract_state), 'data': ocp.args.JsonRestore()})
+          return restored.state, restored.data
+        except CorruptCheckpoint as e:
+          error = e
+      if step is not None:
+        raise CorruptCheckpoint(f'checkpoint {where} is unreadable: {error}') from error
+      fallback = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'none left'
+      log.warning('checkpoint step %d in %s is corrupt (%s); moved to %s; %s', s,
+                  self.directory, _short(error), self._quarantine(s), fallback)
+    raise CorruptCheckpoint(f'no readable checkpoint in {self.directory}: the steps {steps} '
+                            f'are all corrupt (moved to {self.directory}/corrupt/)')
 
   def stored_tree(self, step):
     """Metadata (shape, dtype per leaf) of the state saved at `step`."""
     return self._manager.item_metadata(step).state
 
   def wait(self):
-    """Blocks until pending async saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending async saves are on disk; raises if the last one failed."""
+    with self._failures(self._saving):
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      with contextlib.suppress(Exception):  # A failed save was reported by `wait`.
+        self._manager.close()
+
+  @contextlib.contextmanager
+  def _failures(self, step):
+    try:
+      yield
+    except (OSError, ValueError, RuntimeError) as e:
+      if isinstance(e, CorruptCheckpoint):
+        raise
+      kept = [s for s in self._manager.all_steps() if s != step]
+      full = 'No space left on device' in str(e) or "os_error_code='28'" in str(e)
+      raise OSError(f'checkpoint step {step} could not be written to {self.directory}: '
+                    f'{"no space left on device" if full else _short(e)}; the checkpoints '
+                    f'already there ({kept or "none"}) are untouched') from e
+
+  def _quarantine(self, step):
+    """Moves step `step`'s directory to `corrupt/STEP` (kept for a post-mortem)."""
+    target = os.path.join(self.directory, 'corrupt', str(step))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    n, first = 0, target
+    while os.path.exists(target):  # An earlier corrupt copy of this step stays too.
+      n += 1
+      target = f'{first}.{n}'
+    os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
+
+
+class CorruptCheckpoint(OSError):
+  """A checkpoint whose files do not read back as what was saved."""
+
+
+def word_sums(tree):
+  """{leaf path: the sum of the leaf's 32-bit words mod 2^32}, the same for any sharding.
+
+  Narrower dtypes sum their 8- or 16-bit words. On several processes each sums the shards it
+  holds (replica 0 only) and the partial sums are added across processes.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sums = np.array([_word_sum(x) for _, x in flat], np.uint64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    partial = multihost_utils.process_allgather(sums.astype(np.uint32).view(np.int32))
+    sums = np.asarray(partial).view(np.uint32).astype(np.uint64).sum(0)
+  return {path_str(p): int(v % 2**32) for (p, _), v in zip(flat, sums)}
+
+
+def _word_sum(x):
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    parts = [np.asarray(s.data) for s in x.addressable_shards if s.replica_id == 0]
+  else:
+    parts = [np.asarray(x)]
+  total = 0
+  for a in parts:
+    a = np.ascontiguousarray(a)
+    a = a.view(np.uint8) if a.dtype == bool else a
+    words = a.reshape(-1).view({1: np.uint8, 2: np.uint16}.get(a.dtype.itemsize, np.uint32))
+    total += int(np.sum(words, dtype=np.uint64))
+  return total % 2**32
+
+
+def _restore_verified(manager, step, where, items):
+  """`manager.restore` of `items` at `step`, checked against the saved word sums.
+
+  Raises CorruptCheckpoint for files that do not read, or read back other values.
+  """
+  has_sums = os.path.isdir(os.path.join(manager.directory, str(step), 'integrity'))
+  if has_sums:
+    items = {**items, 'integrity': ocp.args.JsonRestore()}
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptCheckpoint(f'{where} does not read: {_short(e)}') from e
+  if not has_sums:
+    log.info('%s predates checksums: not verified', where)
+    return restored
+  saved = (restored.integrity or {}).get('word_sums')
+  if not isinstance(saved, dict):
+    raise CorruptCheckpoint(f'{where}/integrity holds no word sums')
+  key = next(iter(k for k in items if k != 'integrity'))
+  got = word_sums(restored[key])
+  bad = [k for k, v in got.items() if saved.get(k) != v]
+  if bad:
+    raise CorruptCheckpoint(f'{where}: {len(bad)} arrays differ from what was saved '
+                            f'(checksum), e.g. {bad[:3]}')
+  return restored
+
+
+def _short(error):
+  text = str(error).strip().splitlines()
+  return (text[0] if text else type(error).__name__)[:300]
 
 
 WEIGHTS = ('step', 'params', 'ema_params')
@@ -79,24 +208,44 @@ def load_weights(directory, abstract_state, step=None):
 
   The optimizer state is not read, so a run whose optimizer chain has changed since it was
   saved (another zoo version, another optax) still samples and evaluates; the weights are
-  checked against the model as in `Checkpointer.restore`.
+  checked against the model as in `Checkpointer.restore`, and against their checksums: a
+  corrupt latest checkpoint gives way to the one before it, with a warning (files untouched).
   """
   directory = os.path.abspath(directory)
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  manager = _reader(directory)
+  steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+  if not steps:
     raise FileNotFoundError(f'no finished checkpoint in {directory!r}')
-  stored = manager.item_metadata(step).state
   item = {k: abstract_state[k] for k in WEIGHTS}
-  for key in ('params', 'ema_params'):
-    check_compatible(stored[key], item[key], f'{directory}/{step}/{key}')
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+  try:
+    for i, s in enumerate(steps):
+      stored = manager.item_metadata(s).state
+      for key in ('params', 'ema_params'):
+        check_compatible(stored[key], item[key], f'{directory}/{s}/{key}')
+      try:
+        return _restore_verified(manager, s, f'{directory}/{s}', {
+            'state': _partial_restore(item)}).state
+      except CorruptCheckpoint as e:
+        if i + 1 == len(steps):
+          raise
+        log.warning('checkpoint step %d in %s is corrupt (%s); using step %d', s, directory,
+                    _short(e), steps[i + 1])
+  finally:
+    manager.close()
+
+
+def _reader(directory):
+  # The PyTree handler reads the same files as the Standard one and can skip the other items.
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'integrity': ocp.JsonCheckpointHandler()})
+
+
+def _partial_restore(item):
+  return ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))
-  manager.close()
-  return restored.state
+      partial_restore=True)
 
 
 def load_params(directory, abstract_params, *, use_ema=False, subtree='', ignore=()):
@@ -111,10 +260,7 @@ def load_params(directory, abstract_params, *, use_ema=False, subtree='', ignore
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoint directory at {directory!r}')
-  # The PyTree handler reads the same files as the Standard one and can skip the other items.
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  manager = _reader(directory)
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f'no finished checkpoint in {directory!r}')
@@ -131,16 +277,18 @@ def load_params(directory, abstract_params, *, use_ema=False, subtree='', ignore
     stored = {k: v for k, v in stored.items() if k not in left_out}
   check_compatible(stored, abstract_params, where)
   item = {key: {subtree: abstract_params} if subtree else abstract_params}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))
-  manager.close()
+  try:
+    restored = _restore_verified(manager, step, f'{directory}/{step}',
+                                 {'state': _partial_restore(item)})
+  finally:
+    manager.close()
   params = restored.state[key]
   return params[subtree] if subtree else params
 
 
 def _manager(directory, options):
-  handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+              'integrity': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 

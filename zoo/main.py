@@ -245,7 +245,8 @@ def main(argv=None):
       rows = table.rows(flops=args.flops, names=tuple(args.model or ()))
       print(table.markdown(rows))
       if args.json:
-        with open(args.json, 'w') as f:
+        from zoo import files
+        with files.atomic_open(args.json) as f:
           json.dump(rows, f, indent=2)
     elif args.command == 'latents':
       from zoo import latents
@@ -266,9 +267,12 @@ def main(argv=None):
         search.contact_sheet(args.index, results, args.out)
     else:
       print(json.dumps(runs.evaluate(args.workdir), indent=2))
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
     print(f'zoo {args.command}: error: {e}', file=sys.stderr)
     return 2
+  except OSError as e:  # A full disk, unreadable checkpoints (checkpoint.CorruptCheckpoint).
+    print(f'zoo {args.command}: failed: {e}', file=sys.stderr)
+    return 1
   except FloatingPointError as e:
     print(f'zoo {args.command}: stopped: {e}', file=sys.stderr)
     return 3

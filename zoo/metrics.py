@@ -1,36 +1,47 @@
 """Metric writers (JSONL + TensorBoard), the progress bar, and PNG image grids."""
 
 import json
+import logging
 import os
 
 import numpy as np
 from PIL import Image
 
+from zoo import files
+from zoo import tensorboard
+
+log = logging.getLogger('zoo')
+
 
 class MetricWriter:
   """Appends one JSON object per log step to `workdir/metrics.jsonl` and mirrors to TensorBoard.
 
-  Only process 0 writes; the other processes get a writer that does nothing.
+  Only process 0 writes; the other processes get a writer that does nothing. A run resumed at
+  `resume_step` first drops the rows the killed process logged after that checkpoint (and a
+  line torn by the kill), so the file reads as if the run had never stopped.
   """
 
-  def __init__(self, workdir, *, enabled=True, filename='metrics.jsonl'):
+  def __init__(self, workdir, *, enabled=True, filename='metrics.jsonl', resume_step=None):
     self.enabled = enabled
     self._jsonl = self._tb = None
     if enabled:
-      from tensorboardX import SummaryWriter  # Heavy import: only where it writes.
-      self._jsonl = open(os.path.join(workdir, filename), 'a')
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      path = os.path.join(workdir, filename)
+      if resume_step is not None and os.path.exists(path):
+        _truncate_after(path, resume_step)
+      self._jsonl = open(path, 'a')
+      self._tb = tensorboard.EventWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step, scalars):
     """Writes `{name: number}` for `step`."""
     if not self.enabled:
       return
     row = {'step': int(step), **{k: _number(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(row) + '\n')
-    self._jsonl.flush()
-    for k, v in row.items():
-      if k != 'step':
-        self._tb.add_scalar(k, v, step)
+    try:  # Appends: a kill can only tear the last line, which readers and resumes drop.
+      self._jsonl.write(json.dumps(row) + '\n')
+      self._jsonl.flush()
+    except OSError as e:
+      raise OSError(e.errno, f'could not append to {self._jsonl.name}: {e.strerror}') from e
+    self._tb.scalars(step, {k: v for k, v in row.items() if k != 'step'})
 
   def close(self):
     if self.enabled:
@@ -44,9 +55,30 @@ def _number(v):
 
 
 def read_jsonl(path):
-  """The rows of a metrics.jsonl file."""
+  """The rows of a metrics.jsonl file (a last line torn by a killed writer is left out)."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split('\n')
+  rows = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:  # Only the unterminated last line can be a torn write.
+        raise ValueError(f'{path}:{i + 1} is not a JSON row: {line[:80]!r}') from None
+  return rows
+
+
+def _truncate_after(path, step):
+  rows = read_jsonl(path)
+  kept = [r for r in rows if r.get('step', 0) <= step]
+  with open(path) as f:
+    torn = not f.read().endswith('\n') and os.path.getsize(path) > 0
+  if len(kept) != len(rows) or torn:
+    log.info('%s: dropping %d rows logged after step %d by the interrupted run', path,
+             len(rows) - len(kept), step)
+    files.write_text(path, ''.join(json.dumps(r) + '\n' for r in kept))
 
 
 def image_grid(images_NxHxWxC, ncols=None, pad=1):
@@ -67,6 +99,7 @@ def save_image_grid(images_NxHxWxC, path, ncols=None, upscale=1):
   grid = image_grid(images_NxHxWxC, ncols)
   if upscale > 1:
     grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  with files.atomic_path(path) as tmp:
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), 'PNG')
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format=image_format)
   return path

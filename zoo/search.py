@@ -127,11 +127,11 @@ def write_index(out, embeddings_NxE, manifest, overwrite=False):
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.tmp-', dir=parent)
   try:
-    emb_path = os.path.join(tmp, EMBEDDINGS_FILE)
+    tmp_embeddings = os.path.join(tmp, EMBEDDINGS_FILE)
     safetensors.numpy.save_file({'embeddings': np.ascontiguousarray(embeddings_NxE, np.float32)},
-                                emb_path)
+                                tmp_embeddings)
     manifest = dict(manifest, format=FORMAT, count=int(embeddings_NxE.shape[0]),
-                    dim=int(embeddings_NxE.shape[1]), sha256=_sha256_file(emb_path))
+                    dim=int(embeddings_NxE.shape[1]), sha256=_sha256_file(tmp_embeddings))
     with open(os.path.join(tmp, MANIFEST_FILE), 'w') as f:
       json.dump(manifest, f, indent=1)
     old = None

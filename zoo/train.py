@@ -6,9 +6,12 @@ the state donated), checkpointed with the data position, and resumed by running 
 command on the same workdir.
 """
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import logging
+import math
 import os
 import time
 
@@ -24,6 +27,7 @@ from data import text_tokenizers
 from zoo import checkpoint
 from zoo import config as zoo_config
 from zoo import evals
+from zoo import files
 from zoo import metrics as metrics_lib
 from zoo import optim
 from zoo import sharding
@@ -143,6 +147,15 @@ def setup(config, batch_spec):
                abstract_state)
 
 
+def _check_devices(config):
+  """The mesh must fit the devices and the global batch split over its batch axes."""
+  shape = dict(zip(sharding.AXES, sharding.mesh_shape(config.mesh, jax.device_count())))
+  devices = math.prod(shape[a] for a in sharding.BATCH_AXES)
+  if config.train.batch_size % devices:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} does not split over '
+                     f"the {devices} devices of config.mesh's batch axes {shape}")
+
+
 def _train_data(config):
   return data_lib.get_dataset(
       config.data, split=config.data.train_split, seed=config.seed,
@@ -177,13 +190,17 @@ def _first_state(s, ckpt, data, rng):
   return state
 
 
+FINITE_METRICS = ('loss', 'grad_norm', 'param_norm')
+
+
 class _Monitor:
   """Host side of the loop: finite checks, logging, throughput, the progress bar."""
 
   def __init__(self, config, workdir, start):
     self.config, self.pending = config, None
     self.is_main = jax.process_index() == 0
-    self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_main)
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_main,
+                                           resume_step=start if start else None)
     self.bar = tqdm.tqdm(total=config.train.steps, initial=start, disable=not (
         self.is_main and config.train.progress_bar), dynamic_ncols=True)
     self.last_time, self.last_step = time.perf_counter(), start
@@ -199,8 +216,10 @@ class _Monitor:
     step, device_metrics = self.pending
     self.pending = None
     values = {k: float(np.asarray(v.addressable_data(0))) for k, v in device_metrics.items()}
-    if not np.isfinite(values['loss']):
-      raise FloatingPointError(f'non-finite loss {values["loss"]} at step {step}')
+    # A finite loss over non-finite gradients would still poison the params it updates.
+    for name in FINITE_METRICS:
+      if not np.isfinite(values[name]):
+        raise FloatingPointError(f'non-finite {name} {values[name]} at step {step}')
     self.bar.update(step - self.bar.n)
     if step % self.config.train.log_every == 0 or step == self.config.train.steps:
       now = time.perf_counter()
@@ -219,10 +238,15 @@ def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state."""
   zoo_config.validate(config)
   sharding.maybe_initialize_distributed(config.get('distributed', None))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(zoo_config.to_json(config))
+  _check_devices(config)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      files.write_text(os.path.join(workdir, 'config.json'), zoo_config.to_json(config))
+  except OSError as e:
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+      raise PermissionError(e.errno, f'workdir {workdir} is not writable: {e.strerror}') from e
+    raise
     # A workdir carries the tokenizer its checkpoints' ids come from (captions', else QA's).
     language = [config.data[k] for k in ('text', 'qa') if k in config.data]
     if language:
@@ -261,7 +285,26 @@ def train_and_evaluate(config, workdir):
           monitor.writer.write(step, {f'{name}/{k}': v for k, v in
                                       evaluator.run(state, step).items()})
     monitor.flush()
-  finally:
-    monitor.close()
-    ckpt.close()
+  except FloatingPointError as e:
+    _close_quietly(monitor)
+    with contextlib.suppress(Exception):
+      ckpt.wait()
+    last = ckpt.latest_step()
+    _close_quietly(ckpt)
+    raise FloatingPointError(f'{e}; nothing after it was saved, the newest checkpoint is '
+                             f'{"step " + str(last) if last is not None else "none"} in '
+                             f'{ckpt.directory}') from None
+  except BaseException:
+    _close_quietly(monitor, ckpt)  # The error that stopped the run stays the one reported.
+    raise
+  monitor.close()
+  ckpt.close()
   return state
+
+
+def _close_quietly(*closables):
+  for c in closables:
+    try:
+      c.close()
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning('while stopping: %s', e)

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from data.shapes import score as score_lib
+from zoo import files
 from data.shapes import shapes_dataset_builder as builder_lib
 
 
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
     speed = build_speed(data_dir, args.resolution, args.num_train, args.workers)
     scores = scorer_accuracy(data_dir, args.resolution, args.num_score, args.workers)
   print(_table(speed, scores))
-  with open(args.json, 'w') as f:
+  with files.atomic_open(args.json) as f:
     json.dump({'build': speed, 'scores': scores, 'cpus': os.cpu_count()}, f, indent=2)
   print(f'wrote {args.json}')
 

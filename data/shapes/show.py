@@ -19,6 +19,7 @@ from data import conditions
 from data.shapes import generate
 from data.shapes import grammar
 from data.shapes import pose
+from zoo import files
 
 _TEXT_WIDTH = 420
 _HEADERS = ('image', 'semantic', 'instance', 'depth', 'skeleton')
@@ -83,7 +84,8 @@ def main(argv=None) -> None:
   except ValueError as e:
     parser.error(str(e))
   examples = [generate.make_example(spec, args.split, args.start + i) for i in range(args.num)]
-  grid(examples, args.cell).save(args.out)
+  with files.atomic_path(args.out) as tmp:
+    grid(examples, args.cell).save(tmp, format='PNG')
   print(args.out)
 
 

@@ -6,10 +6,12 @@ import time
 
 import jax
 
+from zoo import files
+
 
 def write_report(report, path):
   """Writes a benchmark's report as JSON to `path` and says so."""
-  with open(path, 'w') as f:
+  with files.atomic_open(path) as f:
     json.dump(report, f, indent=2)
   print(f'wrote {path}')
 

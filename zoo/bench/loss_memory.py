@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+from zoo import files
+
 
 def _setup_devices(n):
   # Must run before JAX is imported: fake CPU devices are fixed at backend start.
@@ -82,7 +84,7 @@ def main(argv=None):
   print(f'per-device XLA temporaries of value_and_grad, local batch {args.local}, width '
         f'{args.width}\n' + table(rows))
   if args.out:
-    with open(args.out, 'w') as f:
+    with files.atomic_open(args.out) as f:
       json.dump({'local_batch': args.local, 'width': args.width, 'rows': rows}, f, indent=2)
   return rows
 

@@ -2,6 +2,8 @@
 
 import os
 
+from zoo import files
+
 GOAL_SPEEDUP = 1.3  # zoo / best peer, training examples/s at bench size (issue 10).
 GOAL_MFU = 0.5  # Transformer families at bench size.
 GOAL_SAMPLER_OVERHEAD = 0.05
@@ -152,6 +154,5 @@ def write_markdown(report, path, plot=None, preface=''):
   if plot:
     rel = os.path.relpath(plot, os.path.dirname(os.path.abspath(path)))
     lines += ['', f'![cost against resolution and tokens]({rel})']
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  files.write_text(path, '\n'.join(lines) + '\n')
   print(f'wrote {path}')

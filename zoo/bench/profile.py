@@ -34,6 +34,7 @@ from zoo import bench
 from zoo.bench import cases as cases_lib
 from zoo.bench import peers
 from zoo.bench import zoo_side
+from zoo import files
 
 TOP_KINDS = 10  # Rows of the by-kind table; the rest are summed.
 INSTRUCTION = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\(')
@@ -182,8 +183,7 @@ def _write(report, args, write_json=True):
   if write_json:
     bench.write_report(report, args.out)
   if args.markdown:
-    with open(args.markdown, 'w') as f:
-      f.write(text)
+    files.write_text(args.markdown, text)
     print(f'wrote {args.markdown}')
 
 

@@ -29,6 +29,7 @@ from zoo.diffusion import solvers
 from zoo.evals import adherence
 from zoo.evals import fd
 from zoo.evals import generation
+from zoo import files
 
 DEFAULT_SETTINGS = ('ddpm:1000', 'ddim:50', 'ddim:20', 'ddim:10', 'dpmpp_2m:20', 'dpmpp_2m:10',
                     'heun:10')
@@ -136,7 +137,7 @@ def main(argv=None):
   print(HEADER + '\n|' + '---|' * 8, flush=True)
   report = measure(args.workdir, args.classifier, settings, num=args.num,
                    batch_size=args.batch_size, split=args.split, use_ema=not args.raw)
-  with open(args.out, 'w') as f:
+  with files.atomic_open(args.out) as f:
     json.dump(report, f, indent=2)
   print(f"real images: scorer accuracy {report['real_scorer_accuracy']}, classifier accuracy "
         f"{report['real_classifier_accuracy']}; wrote {args.out}")

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from zoo import config as zoo_config
+from zoo import files
 
 # name: (experiment argument, overrides, eval_every); step counts fit ~1 hour on 2 CPU cores.
 RECIPES = {
@@ -233,7 +234,7 @@ def main(argv=None):
       run_recipe(args.config, name, emit=emit, **common)
   else:
     _run_parallel(args, emit)
-  with open(args.out, 'w') as f:
+  with files.atomic_open(args.out) as f:
     json.dump({'config': args.config, 'num': args.num, 'rows': rows}, f, indent=1)
 
 

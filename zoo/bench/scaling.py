@@ -23,6 +23,7 @@ from zoo.bench import cases as cases_lib
 from zoo.bench import zoo_side
 from zoo.diffusion import samplers
 from zoo.diffusion import schedules
+from zoo import files
 
 RESOLUTIONS = (32, 64, 128, 256)
 VIT_SIDES = (64, 128, 224, 320, 512)  # Patch 16: 16 .. 1024 tokens.
@@ -140,6 +141,7 @@ def plot(report, path):
       if len(xy) > 1:
         draw.line(xy, fill=colours[j % len(colours)], width=2)
       draw.text((x0 + 10 + 90 * j, y0 + h + 20), name, fill=colours[j % len(colours)])
-  image.save(path)
+  with files.atomic_path(path) as tmp:
+    image.save(tmp, format='PNG')
   print(f'wrote {path}')
 

@@ -29,6 +29,7 @@ import numpy as np
 from zoo import bench
 from zoo import models
 from zoo import config as zoo_config
+from zoo import files
 
 FUSIONS = ('early', 'mid', 'late')
 # Settings for the 'tiny' preset (8x8 = 64 visual tokens, a 2-layer vision tower: token
@@ -157,7 +158,8 @@ def plot(report, path):
       if panel == 0:
         draw.text((x0 + 10 + 95 * (i % 4), y0 + h + 25 + 14 * (i // 4)), name,
                   fill=colours[i % len(colours)])
-  image.save(path)
+  with files.atomic_path(path) as tmp:
+    image.save(tmp, format='PNG')
   print(f'wrote {path}')
 
 

@@ -23,6 +23,7 @@ import typing
 import numpy as np
 import safetensors.numpy
 
+from zoo import files
 from zoo.convert import configs
 from zoo.convert import diffusers as diffusers_convert
 from zoo.convert import dit as dit_convert
@@ -164,17 +165,18 @@ def write(kind, kwargs, params, out, fmt):
   _refuse_pickle(out)
   if config is None:
     path = out if out.endswith('.safetensors') else os.path.join(out, 'model.safetensors')
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    safetensors.numpy.save_file(flat, path, metadata={'format': 'pt'})
+    with files.atomic_path(path) as tmp:
+      safetensors.numpy.save_file(flat, tmp, metadata={'format': 'pt'})
     return [path]
   if out.endswith('.safetensors'):
     raise ValueError(f'--out {out}: a {kind} export in the {fmt} naming is a folder '
                      '(config.json + safetensors); name a directory')
   os.makedirs(out, exist_ok=True)
   name = 'model.safetensors' if fmt == 'transformers' else WEIGHT_FILES[0]
-  with open(os.path.join(out, 'config.json'), 'w') as f:
+  with files.atomic_open(os.path.join(out, 'config.json')) as f:
     json.dump(config, f, indent=2)
-  safetensors.numpy.save_file(flat, os.path.join(out, name), metadata={'format': 'pt'})
+  with files.atomic_path(os.path.join(out, name)) as tmp:
+    safetensors.numpy.save_file(flat, tmp, metadata={'format': 'pt'})
   return [os.path.join(out, 'config.json'), os.path.join(out, name)]
 
 

@@ -25,6 +25,7 @@ from zoo import config as zoo_config
 from zoo import models
 from zoo.convert import hub
 from zoo.convert import transformers as hf_convert
+from zoo import files
 
 TEMPLATE = 'ldm_t2i_shapes.py:smoke=True'
 PIPELINES = ('StableDiffusionPipeline',)
@@ -169,7 +170,7 @@ def convert(folder, workdir, overrides=()):
                                                  text_tokenizers.WORKDIR_SUBDIR)
   text_tokenizers.save(tokenizer, config.data.text.tokenizer_path)
   convert_workdir.write_run(config, params, workdir, what=f'{folder} (as diffusers-sd)')
-  with open(os.path.join(workdir, 'convert.json'), 'w') as f:
+  with files.atomic_open(os.path.join(workdir, 'convert.json')) as f:
     json.dump({'kind': 'diffusers-sd', 'format': 'diffusers',
                'source': os.path.abspath(folder)}, f, indent=2)
   return config
@@ -177,7 +178,7 @@ def convert(folder, workdir, overrides=()):
 
 def _write_json(path, obj):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'w') as f:
+  with files.atomic_open(path) as f:
     json.dump(obj, f, indent=2)
   return path
 
@@ -196,13 +197,13 @@ def export(config, params, workdir, out):
       **hf_convert.hf_text_config(text_kwargs))))
   flat = {k: np.asarray(v, np.float32, order='C')
           for k, v in hf_convert.to_hf_clip_text(params['text_encoder']).items()}
-  safetensors.numpy.save_file(flat, os.path.join(text_dir, 'model.safetensors'),
-                              metadata={'format': 'pt'})
+  with files.atomic_path(os.path.join(text_dir, 'model.safetensors')) as tmp:
+    safetensors.numpy.save_file(flat, tmp, metadata={'format': 'pt'})
   paths.append(os.path.join(text_dir, 'model.safetensors'))
   tok_src, tok_out = os.path.join(workdir, 'tokenizer'), os.path.join(out, 'tokenizer')
   os.makedirs(tok_out, exist_ok=True)
   for name in sorted(os.listdir(tok_src)):
-    with open(os.path.join(tok_src, name), 'rb') as src, open(
+    with open(os.path.join(tok_src, name), 'rb') as src, files.atomic_open(
         os.path.join(tok_out, name), 'wb') as dst:
       dst.write(src.read())
     paths.append(os.path.join(tok_out, name))

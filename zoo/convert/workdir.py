@@ -24,6 +24,7 @@ from zoo import train
 from zoo.convert import hub
 from zoo.convert import pipeline
 from zoo.nn import lora
+from zoo import files
 
 log = logging.getLogger('zoo')
 
@@ -150,7 +151,7 @@ def convert(kind, source, workdir, *, experiment=None, overrides=(), base=None, 
         subtree=src.subtree, ignore=src.ignore))}
   params = {**params, where: converted.params} if where else converted.params
   write_run(config, params, workdir, s, f'{source} (as {kind})')
-  with open(os.path.join(workdir, 'convert.json'), 'w') as f:
+  with files.atomic_open(os.path.join(workdir, 'convert.json')) as f:
     json.dump({'kind': kind, 'format': converted.format, 'source': os.path.abspath(source)}, f,
               indent=2)
   return config
@@ -177,8 +178,7 @@ def write_run(config, params, workdir, s=None, what='the converted params'):
   state = {'step': np.zeros((), np.int32), 'params': params, 'opt_state': opt_state,
            'ema_params': params}
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(zoo_config.to_json(config))
+  files.write_text(os.path.join(workdir, 'config.json'), zoo_config.to_json(config))
   if 'text' in config.data:
     text_tokenizers.save_to_workdir(workdir, config.data.text)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
@@ -240,7 +240,7 @@ def export(workdir, out, *, fmt=None, use_ema=True, step=None, lora_only=False):
     for name in os.listdir(os.path.join(workdir, 'tokenizer')):
       with open(os.path.join(workdir, 'tokenizer', name), 'rb') as src:
         blob = src.read()
-      with open(os.path.join(out, name), 'wb') as dst:
+      with files.atomic_open(os.path.join(out, name), 'wb') as dst:
         dst.write(blob)
       paths.append(os.path.join(out, name))
   return paths

@@ -30,6 +30,7 @@ import numpy as np
 import safetensors.numpy
 
 from zoo.convert import diffusers as diffusers_convert
+from zoo import files
 
 # Attention and MLP projections across the zoo's models (diffusers, HF and DiT naming).
 DEFAULT_TARGETS = (r'(to_q|to_k|to_v|to_out_0|q_proj|k_proj|v_proj|out_proj|qkv|attn/proj|'
@@ -150,8 +151,9 @@ def save(path, adapters, *, rank, alpha, naming='zoo'):
   prefix = 'unet.' if naming == 'diffusers' else ''
   meta = {f'{prefix}r': rank, f'{prefix}lora_alpha': alpha,
           f'{prefix}target_modules': sorted(modules)}
-  safetensors.numpy.save_file(flat, path, metadata={'format': 'pt', METADATA_KEY: json.dumps(
-      meta, sort_keys=True), 'zoo_lora_naming': naming})
+  with files.atomic_path(path) as tmp:
+    safetensors.numpy.save_file(flat, tmp, metadata={
+        'format': 'pt', METADATA_KEY: json.dumps(meta, sort_keys=True), 'zoo_lora_naming': naming})
 
 
 def load(path, params):
