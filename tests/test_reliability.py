@@ -285,6 +285,16 @@ def test_corrupt_or_misshapen_records_name_the_record(zoo_data_dir, tmp_path, mo
                      r'shape \(16, 16, 3\).*HxWx1') as e:
     next(batches)
   assert f'record {bad[0]} of' in str(e.value)
+
+  def float_image(self, indices):  # Pixels stored as floats.
+    examples = real_read(self, indices)
+    bad.append(int(indices[0]))
+    examples[0] = {**examples[0], 'image': examples[0]['image'].astype(np.float32)}
+    return examples
+  monkeypatch.setattr(records.Source, 'read', float_image)
+  with pytest.raises(ValueError, match=r"record (\d+) of dataset 'digits/res16.*dtype float32"):
+    next(pipeline.get_dataset(_digits(), split='test', seed=1, global_batch_size=8,
+                              repeat=False, prefetch=0))
   monkeypatch.undo()
   # Flipped bytes in the stored records: the batch read fails, then the failing record is named.
   shutil.copytree(os.path.join(zoo_data_dir, 'digits', 'res16'), tmp_path / 'digits' / 'res16')
@@ -297,7 +307,7 @@ def test_corrupt_or_misshapen_records_name_the_record(zoo_data_dir, tmp_path, mo
                      f'split .test. in {tmp_path}'):
     list(pipeline.get_dataset(_digits(str(tmp_path)), split='test', seed=0,
                               global_batch_size=99, repeat=False, prefetch=0))
-  record_reliability(faults_injected=2)
+  record_reliability(faults_injected=3)
 
 
 # Logs that are appended to: a kill tears at most the last line, which their readers drop and a

@@ -243,14 +243,14 @@ def train_and_evaluate(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
       files.write_text(os.path.join(workdir, 'config.json'), zoo_config.to_json(config))
+      # A workdir carries the tokenizer its checkpoints' ids come from (captions', else QA's).
+      language = [config.data[k] for k in ('text', 'qa') if k in config.data]
+      if language:
+        text_tokenizers.save_to_workdir(workdir, language[0])
   except OSError as e:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
       raise PermissionError(e.errno, f'workdir {workdir} is not writable: {e.strerror}') from e
     raise
-    # A workdir carries the tokenizer its checkpoints' ids come from (captions', else QA's).
-    language = [config.data[k] for k in ('text', 'qa') if k in config.data]
-    if language:
-      text_tokenizers.save_to_workdir(workdir, language[0])
   train_cfg = config.train
   data = _train_data(config)
   s = setup(config, data.spec())
