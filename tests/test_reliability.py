@@ -344,3 +344,18 @@ def test_nothing_the_zoo_writes_is_written_in_place_and_nothing_unpickles():
               not isinstance(node.value, ast.Constant) or node.value.value):
             offenders.append(f'{path}:{node.lineno}: allow_pickle')
   assert not offenders, '\n'.join(offenders)
+
+
+def test_atomic_writes_replace_whole_files_with_the_usual_permissions(tmp_path):
+  from zoo import files
+  plain, atomic = tmp_path / 'plain.json', tmp_path / 'atomic.json'
+  plain.write_text('{}')
+  files.write_text(atomic, 'old')
+  with pytest.raises(RuntimeError), files.atomic_open(atomic) as f:
+    f.write('half')
+    raise RuntimeError('killed mid-write')
+  assert atomic.read_text() == 'old' and [p.name for p in tmp_path.iterdir()].count(
+      'atomic.json') == 1 and len(list(tmp_path.iterdir())) == 2  # No temporary file left.
+  files.write_text(atomic, 'new')
+  assert atomic.read_text() == 'new'
+  assert os.stat(atomic).st_mode == os.stat(plain).st_mode  # Not mkstemp's owner-only 0600.

@@ -10,6 +10,10 @@ import contextlib
 import os
 import tempfile
 
+# mkstemp makes owner-only (0600) files; the renamed file gets what `open` would have given it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -27,6 +31,7 @@ def atomic_path(path):
     yield tmp
     with open(tmp, 'rb') as f:
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
   except OSError as e:
     _remove(tmp)
