@@ -6,7 +6,9 @@ the run's summary line adds them up and the README quotes it.
 """
 
 import ast
+import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -359,3 +361,23 @@ def test_atomic_writes_replace_whole_files_with_the_usual_permissions(tmp_path):
   files.write_text(atomic, 'new')
   assert atomic.read_text() == 'new'
   assert os.stat(atomic).st_mode == os.stat(plain).st_mode  # Not mkstemp's owner-only 0600.
+
+
+def test_orphaned_orbax_write_errors_are_not_logged_again(tmp_path, caplog):
+  # After a failed save, Orbax's per-array write tasks are collected with their copy of the
+  # error; asyncio would log each one after `zoo train: failed:` has reported it.
+  ckpt = checkpoint.Checkpointer(tmp_path / 'checkpoints')
+
+  async def write(directory):
+    raise ValueError(f'RESOURCE_EXHAUSTED: Failed writing "{directory}/5/d/0": No space left')
+
+  loop = asyncio.new_event_loop()
+  for directory in (ckpt.directory, str(tmp_path / 'elsewhere')):
+    task = loop.create_task(write(directory))
+    loop.run_until_complete(asyncio.sleep(0.01))
+    del task
+    gc.collect()
+  loop.close()
+  ckpt.close()
+  logged = [r.exc_info[1] for r in caplog.records if 'never retrieved' in r.getMessage()]
+  assert len(logged) == 1 and 'elsewhere' in str(logged[0]), logged

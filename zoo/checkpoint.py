@@ -38,6 +38,26 @@ class Source(typing.NamedTuple):
   ignore: tuple = ()
 
 
+class _OrphanedWrites(logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' records about writes into our
+  checkpoint directories: Orbax's per-array write tasks outlive a failed save (a full disk) and
+  log their copies of the error when collected, after `Checkpointer` has reported it once."""
+
+  def __init__(self):
+    super().__init__()
+    self.directories = set()
+
+  def filter(self, record):
+    if not str(record.msg).startswith('Task exception was never retrieved'):
+      return True
+    text = f'{record.msg} {record.exc_info[1] if record.exc_info else ""}'
+    return not any(d in text for d in self.directories)
+
+
+_ORPHANED_WRITES = _OrphanedWrites()
+logging.getLogger('asyncio').addFilter(_ORPHANED_WRITES)
+
+
 class Checkpointer:
   """An async Orbax CheckpointManager over `workdir/checkpoints`, with checksums and fallback."""
 
@@ -47,6 +67,7 @@ class Checkpointer:
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
     self._manager = _manager(self.directory, options)
     self._saving = None
+    _ORPHANED_WRITES.directories.add(self.directory)
 
   def latest_step(self):
     """The newest finished checkpoint step, or None."""
