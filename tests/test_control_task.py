@@ -9,7 +9,6 @@ from PIL import Image
 
 from data import conditions
 from data import pipeline as data_pipeline
-from zoo import checkpoint
 from zoo import config as zoo_config
 from zoo import main as zoo_main
 from zoo import metrics
@@ -30,13 +29,6 @@ def control_runs(tmp_path_factory, shapes_diffusion_run):
       '--workdir', str(seg), '--config.train.steps=6', '--config.train.checkpoint_every=6',
       '--config.evals.control.steps=2', *QUIET]) == 0
   return base, seg
-
-
-def _params(workdir, key):
-  ckpt = checkpoint.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
-  tree = ckpt.stored_tree(ckpt.latest_step())
-  ckpt.close()
-  return tree['state'][key] if 'state' in tree else tree[key]
 
 
 def test_training_keeps_the_base_and_moves_the_copy(control_runs):

@@ -15,6 +15,7 @@ complete, so the previous checkpoints stay intact.
 """
 
 import contextlib
+import json
 import logging
 import os
 import typing
@@ -80,7 +81,7 @@ class Checkpointer:
     with self._failures(step):
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-          integrity=ocp.args.JsonSave({'word_sums': word_sums(state)})))
+          integrity=ocp.args.JsonSave({'word_sums': word_sums(state), 'shapes': _shapes(state)})))
 
   def restore(self, abstract_state, step=None):
     """(state, data_position) of `step` (default: the newest readable one), laid out as
@@ -90,12 +91,12 @@ class Checkpointer:
     for i, s in enumerate(steps):
       where = f'{self.directory}/{s}'
       try:
-        stored = self.stored_tree(s)
+        stored = stored_shapes(self._manager, s)
       except Exception as e:  # pylint: disable=broad-except
         stored, error = None, e
       if stored is not None:
         # Params first: their names are the readable ones; optimizer slots only mirror them.
-        check_compatible(stored['params'], abstract_state['params'], where + '/params')
+        check_compatible(_subtree(stored, 'params'), abstract_state['params'], where + '/params')
         check_compatible(stored, abstract_state, where)
         try:
           restored = _restore_verified(self._manager, s, where, {
@@ -110,10 +111,6 @@ class Checkpointer:
                   self.directory, _short(error), self._quarantine(s), fallback)
     raise CorruptCheckpoint(f'no readable checkpoint in {self.directory}: the steps {steps} '
                             f'are all corrupt (moved to {self.directory}/corrupt/)')
-
-  def stored_tree(self, step):
-    """Metadata (shape, dtype per leaf) of the state saved at `step`."""
-    return self._manager.item_metadata(step).state
 
   def wait(self):
     """Blocks until pending async saves are on disk; raises if the last one failed."""
@@ -240,9 +237,9 @@ def load_weights(directory, abstract_state, step=None):
   item = {k: abstract_state[k] for k in WEIGHTS}
   try:
     for i, s in enumerate(steps):
-      stored = manager.item_metadata(s).state
+      stored = stored_shapes(manager, s)
       for key in ('params', 'ema_params'):
-        check_compatible(stored[key], item[key], f'{directory}/{s}/{key}')
+        check_compatible(_subtree(stored, key), item[key], f'{directory}/{s}/{key}')
       try:
         return _restore_verified(manager, s, f'{directory}/{s}', {
             'state': _partial_restore(item)}).state
@@ -286,16 +283,17 @@ def load_params(directory, abstract_params, *, use_ema=False, subtree='', ignore
   if step is None:
     raise FileNotFoundError(f'no finished checkpoint in {directory!r}')
   key = 'ema_params' if use_ema else 'params'
-  stored = manager.item_metadata(step).state[key]
+  stored = _subtree(stored_shapes(manager, step), key)
   where = f'{directory}/{step}/{key}'
   if subtree:
-    if subtree not in stored:
-      raise ValueError(f'checkpoint {where} has no {subtree!r} params; it has {sorted(stored)}')
-    stored, where = stored[subtree], f'{where}/{subtree}'
-  left_out = sorted(k for k in ignore if k in stored and k not in abstract_params)
+    if subtree not in _top_level(stored):
+      raise ValueError(f'checkpoint {where} has no {subtree!r} params; it has '
+                       f'{sorted(_top_level(stored))}')
+    stored, where = _subtree(stored, subtree), f'{where}/{subtree}'
+  left_out = sorted(k for k in ignore if k in _top_level(stored) and k not in abstract_params)
   if left_out:
     log.info('%s: leaving out %s (not part of this model)', where, left_out)
-    stored = {k: v for k, v in stored.items() if k not in left_out}
+    stored = {k: v for k, v in stored.items() if k.split('/')[0] not in left_out}
   check_compatible(stored, abstract_params, where)
   item = {key: {subtree: abstract_params} if subtree else abstract_params}
   try:
@@ -313,9 +311,34 @@ def _manager(directory, options):
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
+def stored_shapes(manager, step):
+  """{leaf path: shape} of the state saved at `step`.
+
+  Read from the step's `integrity` JSON where it lists them (one small file; Orbax's own
+  metadata opens every array's TensorStore, ~1 ms each), else from Orbax's metadata.
+  """
+  path = os.path.join(manager.directory, str(step), 'integrity', 'metadata')  # JsonSave's file.
+  try:
+    with open(path) as f:
+      shapes = json.load(f)['shapes']
+    return {k: tuple(v) for k, v in shapes.items()}
+  except (OSError, ValueError, KeyError, TypeError):
+    return _shapes(manager.item_metadata(step).state)
+
+
+def _subtree(shapes, key):
+  """The `{path: shape}` entries under top-level `key`, with paths relative to it."""
+  return {k[len(key) + 1:]: v for k, v in shapes.items() if k.startswith(key + '/')}
+
+
+def _top_level(shapes):
+  return {k.split('/')[0] for k in shapes}
+
+
 def check_compatible(stored, abstract, where):
-  """Raises ValueError listing keys missing, unexpected or of another shape in `stored`."""
-  have = _shapes(stored)
+  """Raises ValueError listing keys missing, unexpected or of another shape in `stored` (a
+  tree, or a `{path: shape}` dict as `stored_shapes` gives)."""
+  have = stored if _is_flat_shapes(stored) else _shapes(stored)
   want = _shapes(abstract)
   problems = [f'  shape mismatch:        {k} checkpoint {have[k]} vs model {want[k]}'
               for k in sorted(want.keys() & have.keys()) if have[k] != want[k]]
@@ -325,6 +348,10 @@ def check_compatible(stored, abstract, where):
     shown = problems[:40] + ([f'  ... and {len(problems) - 40} more'] if len(problems) > 40 else [])
     raise ValueError(f'checkpoint {where} does not fit this model ({len(problems)} differences):\n'
                      + '\n'.join(shown))
+
+
+def _is_flat_shapes(tree):
+  return isinstance(tree, dict) and all(isinstance(v, tuple) for v in tree.values())
 
 
 def _shapes(tree):

@@ -26,6 +26,7 @@ import data as data_lib
 from data import text_tokenizers
 from zoo import checkpoint
 from zoo import config as zoo_config
+from zoo import eager
 from zoo import evals
 from zoo import files
 from zoo import metrics as metrics_lib
@@ -109,21 +110,29 @@ class Setup:
   abstract_state: dict
 
   def init(self, rng, skip=()):
-    """A fresh state, each array created directly on its devices.
+    """A fresh state laid out as `state_shardings`.
 
     Top-level params in `skip` (about to be loaded: pretrained parts, `init_from`) come out as
-    zeros, so XLA drops their random init; the other params are the same values either way
-    (optimizer state is zeros whatever the params; EMA follows the loaded params).
+    zeros without being drawn; the other params are the same values either way (optimizer
+    state is zeros whatever the params; EMA follows the loaded params). On accelerators one
+    jitted program creates each array directly on its devices; on CPU the params are drawn op
+    by op first (`zoo/eager.py`: XLA:CPU compiles a jitted init several times slower).
     """
-    def fn(r):
+    def draw(r):
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract_batch)
-      state = nn.unbox(init_state(r, zeros, task=self.task, tx=self.tx))
-      if not skip:
-        return state
-      params = {k: jax.tree.map(jnp.zeros_like, v) if k in skip else v
-                for k, v in state['params'].items()}
-      return {**state, 'params': params, 'ema_params': params}
-    return jax.jit(fn, out_shardings=self.state_shardings)(rng)
+      params = nn.unbox(self.task.init(r, zeros))
+      return {k: v for k, v in params.items() if k not in skip}
+
+    def assemble(drawn):
+      params = {k: drawn[k] if k in drawn else jax.tree.map(
+          lambda a: jnp.zeros(a.shape, a.dtype), abstract)
+                for k, abstract in self.abstract_state['params'].items()}
+      return {'step': jnp.zeros((), jnp.int32), 'params': params,
+              'opt_state': self.tx.init(params), 'ema_params': jax.tree.map(jnp.copy, params)}
+
+    if self.mesh.devices.flat[0].platform == 'cpu':
+      return jax.jit(assemble, out_shardings=self.state_shardings)(eager.evaluate(draw, rng))
+    return jax.jit(lambda r: assemble(draw(r)), out_shardings=self.state_shardings)(rng)
 
 
 def setup(config, batch_spec):
