@@ -9,6 +9,7 @@ import ast
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import re
@@ -214,6 +215,22 @@ def test_a_checkpoint_of_another_model_reports_the_differing_keys(uninterrupted,
   with pytest.raises(ValueError, match=r'5/params does not fit this model \(11 differences\)'):
     train.train_and_evaluate(config, str(tmp_path / 'init_from'))
   record_reliability(faults_injected=2)
+
+
+def test_stored_shapes_come_from_the_integrity_record_and_equal_orbaxs_metadata(
+    uninterrupted, tmp_path):
+  whole_dir, _ = uninterrupted
+  shutil.copytree(whole_dir / 'checkpoints', tmp_path / 'checkpoints')
+  manager = checkpoint._reader(str(tmp_path / 'checkpoints'))
+  orbax = checkpoint._shapes(manager.item_metadata(5).state)
+  recorded = checkpoint.stored_shapes(manager, 5)
+  assert recorded == orbax and recorded['params/conv_in/kernel'] == (3, 3, 3, 8)
+  # A record without shapes (a run saved before they were recorded): Orbax's metadata.
+  path = tmp_path / 'checkpoints' / '5' / 'integrity' / 'metadata'
+  record = json.loads(path.read_text())
+  path.write_text(json.dumps({'word_sums': record['word_sums']}))
+  assert checkpoint.stored_shapes(manager, 5) == orbax
+  manager.close()
 
 
 def _poison_batch_at(monkeypatch, step):

@@ -6,12 +6,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import optax
 import PIL.Image
 import pytest
 
 from zoo import config as zoo_config
+from zoo import eager
 from zoo import metrics
 from zoo import optim
 from zoo import runs
@@ -214,3 +216,30 @@ def test_dit_controlnet_trains_over_a_dit_run(tmp_path):
   assert {'pos_embed_input', 'controlnet_blocks_0', 'blocks_0'} <= set(control)
   assert 'blocks_1' not in control  # depth 2 -> the first block is copied
   assert np.abs(np.asarray(control['controlnet_blocks_0']['kernel'])).max() > 0
+
+
+def test_the_cpu_init_draws_op_by_op_what_the_jitted_init_draws():
+  config = smoke_config('--config.mesh.data=2')
+  batch = {'image': ((4, 16, 16, 1), np.float32), 'label': ((4,), np.int32)}
+  s = train.setup(config, batch)
+  rng = jax.random.PRNGKey(0)
+  state = s.init(rng)  # The test devices are CPUs: params drawn op by op (zoo/eager.py).
+  zeros = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in batch.items()}
+  jitted = jax.jit(lambda r: nn.unbox(train.init_state(r, zeros, task=s.task, tx=s.tx)))(rng)
+  assert_trees(jax.device_get(state), jax.device_get(jitted), exact=False, rtol=0, atol=1e-6)
+  for x, want in zip(jax.tree.leaves(state), jax.tree.leaves(s.state_shardings)):
+    assert x.sharding == want
+  buffers = [x.addressable_shards[0].data.unsafe_buffer_pointer() for x in jax.tree.leaves(
+      (state['params'], state['ema_params']))]
+  assert len(set(buffers)) == len(buffers)  # Donating both to train_step must be possible.
+  # Parts about to be loaded are not drawn: zeros; the rest is the same.
+  first, *rest = sorted(state['params'])
+  skipped = s.init(rng, skip=(first,))
+  assert all(not np.any(x) for x in jax.tree.leaves(jax.device_get(skipped['params'][first])))
+  for key in rest:
+    assert_trees(jax.device_get(skipped['params'][key]), jax.device_get(state['params'][key]))
+  # What makes it cheap: the forward pass Flax's init runs to infer shapes is pruned away.
+  closed = jax.make_jaxpr(lambda r: s.task.init(r, zeros))(rng)
+  primitives = lambda jaxpr: {e.primitive.name for e in jaxpr.eqns}
+  assert 'conv_general_dilated' in primitives(closed.jaxpr)
+  assert 'conv_general_dilated' not in primitives(eager.prune(closed.jaxpr))
