@@ -36,6 +36,38 @@ def record_reliability(**counts):
     f.write(json.dumps(counts) + '\n')
 
 
+# The slowest files first (seconds of one worker in CI, 2026-11-27): pytest-xdist hands whole
+# files to the two workers in collection order (`--no-loadscope-reorder` in setup.cfg; its
+# default puts the files with the most tests first, leaving long files of few tests for the
+# end), so long files start early and the short ones fill in at the end.
+SLOWEST_FILES = (
+    'test_text_to_image.py',  # 390
+    'test_train.py',  # 255
+    'test_vlm_task.py',  # 239
+    'test_distill.py',  # 214
+    'test_latents.py',  # 205
+    'test_sd_pipeline.py',  # 198
+    'test_cli.py',  # 159
+    'test_generate.py',  # 151
+    'test_control_task.py',  # 149
+    'test_vlm.py',  # 134
+    'test_reliability_processes.py',  # 131
+    'test_colab.py',  # 116
+    'test_bench_quality.py',  # 107
+    'test_vae_task.py',  # 93
+    'test_lora.py',  # 87
+    'test_inpaint_task.py',  # 83
+    'test_bench_perf.py',  # 81
+    'test_contrastive_task.py',  # 80
+    'test_bench_vlm.py',  # 69
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: in-file order kept.
+
+
 def pytest_terminal_summary(terminalreporter):
   import collections
   import json
