@@ -1,11 +1,11 @@
 """Evaluating a traced function op by op, without the work no output needs.
 
 XLA:CPU compiles a param-init program slowly: each param's random draw is its own chain of
-integer kernels, so the init of a smoke-size text-to-image U-Net (~270 arrays) compiles in
-~25 s, three times its train step. Run op by op, each draw is a small program that JAX caches
-per (initializer, shape) and the persistent compilation cache shares between runs: ~8 s cold,
-less warm. `Setup.init` uses this on CPU meshes; accelerators keep the one jitted init, which
-creates every array directly on its devices.
+integer kernels, so the init of the smoke latent text-to-image model (~140 random arrays)
+compiles in ~27 s, three times its train step. Run op by op, each draw is a small program
+that JAX caches per (initializer, shape) and the persistent compilation cache shares between
+runs: ~8 s cold, less warm. `Setup.init` uses this on CPU meshes; accelerators keep the one
+jitted init, which creates every array directly on its devices.
 """
 
 import jax
