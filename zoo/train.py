@@ -1,9 +1,9 @@
 """The one training loop every model of the zoo runs through: `train_and_evaluate`.
 
 State `{step, params, opt_state, ema_params}` is born sharded (`eval_shape` -> shardings ->
-`jit(init, out_shardings=...)`; on CPU the params are drawn op by op first), updated by the module-level `train_step` (jitted once with
-the state donated), checkpointed with the data position, and resumed by running the same
-command on the same workdir.
+`jit(init, out_shardings=...)`; on CPU the params are drawn op by op first), updated by the
+module-level `train_step` (jitted once with the state donated), checkpointed with the data
+position, and resumed by running the same command on the same workdir.
 """
 
 import contextlib
