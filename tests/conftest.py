@@ -36,7 +36,7 @@ def record_reliability(**counts):
     f.write(json.dumps(counts) + '\n')
 
 
-# The slowest files first (seconds of one worker in CI, 2026-11-27): pytest-xdist hands whole
+# The slowest files first (summed seconds of a local full run, 2026-11-27): pytest-xdist hands whole
 # files to the two workers in collection order (`--no-loadscope-reorder` in setup.cfg; its
 # default puts the files with the most tests first, leaving long files of few tests for the
 # end), so long files start early and the short ones fill in at the end.
