@@ -5,7 +5,8 @@ Run: `python -m zoo.bench.memory [--out memory.json] [--only NAME ...]`
 For each case, a training step (ε-MSE loss and its gradient through the model) and a sampling
 step (one denoiser forward) are lowered with abstract inputs (`jax.ShapeDtypeStruct`; params from
 `jax.eval_shape`) and compiled for the default backend. Numbers come from XLA:
-`compiled.memory_analysis()` (bytes) and `compiled.cost_analysis()['flops']`. "peak" is
+`compiled.memory_analysis()` (bytes) and the cost analysis of the lowered step with layer stacks
+unrolled (`bench.model_flops`; a scanned stack's loop body counts once in XLA's). "peak" is
 argument + output + temp - alias bytes: everything XLA's static buffer assignment keeps alive
 for one call (params, batch, outputs incl. gradients, and the largest simultaneous set of
 intermediates), so it is the device memory one step needs, before allocator overhead. The
@@ -117,8 +118,8 @@ def _step_fns(module, channels: int):
                                                                      batch, False)
 
 
-def _stats(compiled, seconds: float) -> dict[str, float]:
-  return {**bench.xla_stats(compiled), 'compile_seconds': round(seconds, 2)}
+def _stats(compiled, seconds: float, flops: float) -> dict[str, float]:
+  return {**bench.xla_stats(compiled, flops), 'compile_seconds': round(seconds, 2)}
 
 
 def measure(case: Case, compiler_options: dict | None = None) -> dict[str, Any]:
@@ -136,7 +137,8 @@ def measure(case: Case, compiler_options: dict | None = None) -> dict[str, Any]:
   for step in case.steps:
     start = time.perf_counter()
     compiled = jax.jit(fns[step]).lower(params, batch).compile(compiler_options)
-    result[step] = _stats(compiled, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    result[step] = _stats(compiled, seconds, bench.model_flops(fns[step], params, batch))
   return result
 
 

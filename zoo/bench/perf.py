@@ -8,8 +8,8 @@ against the machine's measured peak, cost against resolution / tokens, sampler-l
 
 For each family (`cases.FAMILIES`) at its fixed bench size and at its shapes experiment's smoke
 size: training examples/s (median of `--repeats` timed steps after 2 warm-up ones), batch-1
-forward latency, compile seconds, FLOPs per step from XLA's cost analysis of the compiled zoo
-step -> achieved FLOP/s and MFU against the peak measured in the same run by a 2048² float32
+forward latency, compile seconds, FLOPs per step from XLA's cost analysis of the lowered zoo
+step with its layer stacks unrolled (`bench.model_flops`) -> achieved FLOP/s and MFU against the peak measured in the same run by a 2048² float32
 matmul (the larger of XLA's and PyTorch's), and peak memory from XLA's memory analysis. The same
 step (`cases` loss, AdamW) runs side by side in this process in PyTorch eager (diffusers /
 transformers, `peers.py`) with the same batch, resolution, dtype (float32) and thread count,

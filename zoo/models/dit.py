@@ -27,6 +27,7 @@ import numpy as np
 
 from zoo.nn import dit_layers as dl
 from zoo.nn import layers
+from zoo.nn import stack
 
 FREQ_DIM = 256
 LN_EPS = dl.LN_EPS
@@ -284,6 +285,24 @@ class DiT(nn.Module):
     return block_cls(self.num_heads, self.mlp_ratio, dtype, self.norm_eps, self.context_dim > 0,
                      name=f'blocks_{i}')
 
+  def _blocks(self, h, c_BxD, ctx_BxLxD, mask_BxL, control, dtype):
+    """The depth blocks, each followed by its control residual (if any); one `lax.scan` over
+    the blocks' params once they exist (zoo/nn/stack.py: 2.5x faster a train step on CPU)."""
+    interval = _check_control(control, h.shape, self.depth)
+    residuals = [control[i // interval] for i in range(self.depth)] if control else None
+    if stack.use_scan(self):
+      block = DiTBlock(self.num_heads, self.mlp_ratio, dtype, self.norm_eps,
+                       self.context_dim > 0)
+      return stack.scan(self, block, [f'blocks_{i}' for i in range(self.depth)], h, c_BxD,
+                        ctx_BxLxD, mask_BxL, residuals=residuals, axes=ACT_AXES,
+                        remat=self.remat)
+    for i in range(self.depth):
+      h = self._block(i, dtype)(h, c_BxD, ctx_BxLxD, mask_BxL)
+      if residuals:
+        h = h + residuals[i].astype(h.dtype)
+      h = nn.with_logical_constraint(h, ACT_AXES)
+    return h
+
   @nn.compact
   def __call__(self, x_BxHxWxC, t_B, *, labels_B=None, context_BxLxD=None,
                context_mask_BxL=None, pooled_BxD=None, control=None, train=False):
@@ -301,12 +320,7 @@ class DiT(nn.Module):
     h = self._tokens(x_BxHxWxC, dtype)
     c_BxD = self._condition(t_B, labels_B, pooled_BxD, batch, dtype)
     ctx_BxLxD, mask_BxL = self._context(context_BxLxD, context_mask_BxL, dtype)
-    interval = _check_control(control, h.shape, self.depth)
-    for i in range(self.depth):
-      h = self._block(i, dtype)(h, c_BxD, ctx_BxLxD, mask_BxL)
-      if control:
-        h = h + control[i // interval].astype(h.dtype)
-      h = nn.with_logical_constraint(h, ACT_AXES)
+    h = self._blocks(h, c_BxD, ctx_BxLxD, mask_BxL, control, dtype)
     out = FinalLayer(p * p * self.out_channels, dtype, self.norm_eps, name='final_layer')(
         h, c_BxD)
     out = self._unpatchify(out.astype(jnp.float32))

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.nn import layers
+from zoo.nn import stack
 
 ACT_AXES = ('act_batch', 'act_len', 'act_emb')
 ACTS = ('quick_gelu', 'gelu', 'gelu_tanh')
@@ -179,10 +180,16 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, allowed_BxLxL=None):
     # remat recomputes each layer's activations in the backward pass; params keep their paths.
+    names = [f'layers_{i}' for i in range(self.depth)]
+    if stack.use_scan(self):  # One lax.scan over the layers' params (zoo/nn/stack.py).
+      layer = EncoderLayer(self.num_heads, self.mlp_dim, self.act, self.depth, self.norm_eps,
+                           self.dtype)
+      return stack.scan(self, layer, names, x_BxLxD, allowed_BxLxL, axes=ACT_AXES,
+                        remat=self.remat)
     layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
     for i in range(self.depth):
       x_BxLxD = layer_cls(self.num_heads, self.mlp_dim, self.act, self.depth, self.norm_eps,
-                          self.dtype, name=f'layers_{i}')(x_BxLxD, allowed_BxLxL)
+                          self.dtype, name=names[i])(x_BxLxD, allowed_BxLxL)
       x_BxLxD = nn.with_logical_constraint(x_BxLxD, ACT_AXES)
     return x_BxLxD
 

@@ -31,6 +31,7 @@ import safetensors.numpy
 
 from zoo.convert import diffusers as diffusers_convert
 from zoo import files
+from zoo.nn import stack
 
 # Attention and MLP projections across the zoo's models (diffusers, HF and DiT naming).
 DEFAULT_TARGETS = (r'(to_q|to_k|to_v|to_out_0|q_proj|k_proj|v_proj|out_proj|qkv|attn/proj|'
@@ -128,7 +129,8 @@ def apply_unmerged(module, params, adapters, scale, *args, **kwargs):
       return out
     x = call_args[0].astype(jnp.float32)
     return out + (scale * ((x @ ab[0]) @ ab[1])).astype(out.dtype)
-  with nn.intercept_methods(interceptor):
+  # Interception matches scope paths, which a scanned stack's layers do not have.
+  with nn.intercept_methods(interceptor), stack.unrolled():
     return module.apply({'params': params}, *args, **kwargs)
 
 

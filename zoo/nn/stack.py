@@ -1,0 +1,61 @@
+"""A stack of identical layers applied as one `lax.scan`, its params kept per layer.
+
+The DiT blocks and the ViT / text encoder layers are stored as `blocks_i` / `layers_i` (the
+checkpoint layouts of their references) and created unrolled at init. In apply they run as one
+scan over those params stacked on a new leading axis. Two reasons, both measured on XLA:CPU
+(zoo/bench/PROFILE.md):
+
+- Unrolled, XLA leaves the residual stream's sums unmaterialised and fuses the whole chain of
+  every earlier layer into each consumer of the backward pass (a DiT-S/2 train step spent 59%
+  of its time recomputing it). A loop carry is always one buffer.
+- XLA compiles one layer instead of depth of them.
+
+The values are the same up to float reassociation. `unrolled()` turns the scan off while
+tracing (FLOP counting: XLA's cost analysis counts a loop body once; method interception,
+which sees scope paths, as `zoo.nn.lora.apply_unmerged`).
+"""
+
+import contextlib
+import contextvars
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_UNROLLED = contextvars.ContextVar('zoo_unrolled', default=False)
+
+
+@contextlib.contextmanager
+def unrolled():
+  """Within it, models trace their layer stacks unrolled (jit caches by function: lower anew)."""
+  token = _UNROLLED.set(True)
+  try:
+    yield
+  finally:
+    _UNROLLED.reset(token)
+
+
+def use_scan(parent: nn.Module) -> bool:
+  """Whether `parent` should apply its stack as a scan: not at init, not under `unrolled()`."""
+  return not (_UNROLLED.get() or parent.is_initializing())
+
+
+def scan(parent: nn.Module, layer: nn.Module, names: Sequence[str], x, *args,
+         residuals=None, axes=None, remat=False):
+  """x through `layer` (unbound) once per name in `names`, with the params of that child of
+  `parent`, as one `lax.scan`; then + residuals[i] (a list, or None) and the logical
+  constraint `axes`. `remat` recomputes each layer in the backward pass."""
+  params = nn.unbox(parent.variables['params'])
+  stacked = jax.tree.map(lambda *p: jnp.stack(p), *(params[n] for n in names))
+
+  def body(x, xs):
+    layer_params, residual = xs
+    x = layer.apply({'params': layer_params}, x, *args)
+    if residual is not None:
+      x = x + residual.astype(x.dtype)
+    return (nn.with_logical_constraint(x, axes) if axes else x), None
+
+  body = jax.checkpoint(body) if remat else body
+  x, _ = jax.lax.scan(body, x, (stacked, jnp.stack(residuals) if residuals else None))
+  return x
