@@ -11,6 +11,9 @@ import pytest
 from conftest import perturbed
 from conftest import random_params
 from zoo import bench
+from zoo.bench import cases as cases_lib
+from zoo.bench import perf
+from zoo.bench import stack as stack_bench
 from zoo.models import dit
 from zoo.models import text
 from zoo.models import vit
@@ -131,3 +134,13 @@ def test_benchmark_counts_a_scanned_stack_depth_times():
   f2, f4 = (bench.model_flops(step, *state)
             for step, state in (_train_step(*_dit(depth=d)) for d in (2, 4)))
   assert counted - f4 == pytest.approx(f4 - f2, rel=1e-3) and f4 - f2 > 0
+
+
+def test_stack_benchmark_times_both_variants(capsys):
+  row = stack_bench.compare(cases_lib.smoke_case('dit', perf.EXPERIMENTS).with_batch(2), 1)
+  assert row['scan_step_s'] > 0 and row['unrolled_step_s'] > 0 and row['scan_compile_s'] > 0
+  assert row['speedup'] == pytest.approx(row['unrolled_step_s'] / row['scan_step_s'])
+  assert '| dit (2) |' in stack_bench.table([row])
+  with pytest.raises(SystemExit):
+    stack_bench.main(['--families', 'unet'])
+  assert "unknown ['unet']; allowed: ['dit', 'vit', 'text']" in capsys.readouterr().err

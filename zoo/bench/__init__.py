@@ -7,7 +7,7 @@ import time
 import jax
 
 from zoo import files
-from zoo.nn import stack
+from zoo.nn import stack as layer_stack
 
 
 def write_report(report, path):
@@ -43,7 +43,7 @@ def _flops(stage):
 def model_flops(fn, *args) -> float:
   """FLOPs of `fn(*args)`: XLA's cost analysis of its lowered (unoptimised) program, traced
   with every layer stack unrolled (zoo/nn/stack.py). Lowering only: no compilation."""
-  with stack.unrolled():  # A fresh function: jit caches traces by function.
+  with layer_stack.unrolled():  # A fresh function: jit caches traces by function.
     return _flops(jax.jit(lambda *a: fn(*a)).lower(*args))
 
 
