@@ -13,6 +13,11 @@ def _f(value, spec, missing='—'):
   return missing if value is None else format(value, spec)
 
 
+def _times(ratio):
+  """'1.23×', or '—' without a ratio."""
+  return _f(ratio, '.2f') + ('×' if ratio is not None else '')
+
+
 def _get(row, side, key):
   return row.get(side, {}).get(key)
 
@@ -39,7 +44,7 @@ def train_table(rows):
         f"{z['flops'] / 1e9:.1f} | {_f(z.get('examples_per_s'), '.2f')} | "
         f"{_f(_get(r, 'torch', 'examples_per_s'), '.2f')} | "
         f"{_f(_get(r, 'flax', 'examples_per_s'), '.2f')} | "
-        f"{_f(r.get('zoo_over_best_peer'), '.2f')}× | {_f(z.get('mfu'), '.1%')} | "
+        f"{_times(r.get('zoo_over_best_peer'))} | {_f(z.get('mfu'), '.1%')} | "
         f"{_f(_get(r, 'torch', 'mfu'), '.1%')} | {_f(_get(r, 'flax', 'mfu'), '.1%')} | "
         f"{z['compile_s']:.1f} | {_f(_get(r, 'flax', 'compile_s'), '.1f')} | "
         f"{z['peak_bytes'] / 2 ** 30:.2f} |")
@@ -48,19 +53,20 @@ def train_table(rows):
 
 def latency_table(rows):
   lines = ['| family | size | zoo forward ms | torch forward ms | flax forward ms | '
-           'zoo / torch |', '|---|---|---|---|---|---|']
+           'zoo speed / torch (torch ms / zoo ms) |', '|---|---|---|---|---|---|']
   for r in rows:
     ms = {p: _get(r, p, 'forward_s') for p in ('zoo', 'torch', 'flax')}
     ratio = ms['torch'] / ms['zoo'] if ms['torch'] and ms['zoo'] else None
     lines.append(f"| {r['family']} | {r['size']} | "
                  + ' | '.join(_f(ms[p] and ms[p] * 1e3, '.2f') for p in ms)
-                 + f" | {_f(ratio, '.2f')}× faster |")
+                 + f' | {_times(ratio)} |')
   return '\n'.join(lines)
 
 
 def errors(rows):
-  return [f"- {r['family']}/{r['size']} {p}: {r[p]['error']}" for r in rows
-          for p in ('torch', 'flax') if 'error' in r.get(p, {})]
+  """One line per peer that failed: the last line of its error (the exception's message)."""
+  return [f"- {r['family']}/{r['size']} {p}: {r[p]['error'].strip().splitlines()[-1].strip()}"
+          for r in rows for p in ('torch', 'flax') if 'error' in r.get(p, {})]
 
 
 def sweep_tables(sweeps):

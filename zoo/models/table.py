@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from zoo import config as zoo_config
 from zoo import models
 from zoo.nn import layers
+from zoo.nn import stack
 
 # Resolution of the convolutional models' example input, by preset ('' = every other).
 RESOLUTION = {('unet', 'sd15'): 64, ('unet', 'tiny-t2i'): 8, ('unet', 'ddpm-cifar10'): 32,
@@ -81,8 +82,9 @@ def measure(name, kw, resolution=None, flops=False):
   params = nn.unbox(shapes)['params']
   out = {'params': layers.param_count(params), 'gflops': None}
   if flops:
-    lowered = jax.jit(lambda p, a, e: module.apply({'params': p}, *a, **e)).lower(
-        params, args, extra)
+    with stack.unrolled():  # XLA's analysis counts a scanned stack's loop body once.
+      lowered = jax.jit(lambda p, a, e: module.apply({'params': p}, *a, **e)).lower(
+          params, args, extra)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out['gflops'] = round(float(cost.get('flops', 0.0)) / 1e9, 4)
