@@ -11,8 +11,9 @@ argument + output + temp - alias bytes: everything XLA's static buffer assignmen
 for one call (params, batch, outputs incl. gradients, and the largest simultaneous set of
 intermediates), so it is the device memory one step needs, before allocator overhead. The
 numbers are for the compiling backend (fusion and scheduling differ between CPU and GPU). On
-CPU, XLA's scheduler runs remat's recomputed forward right after the forward pass, so there
-remat shows its extra FLOPs but saves no temp memory; GPU/TPU place it in the backward pass.
+CPU, XLA's scheduler runs an unrolled model's recomputed forward right after the forward pass,
+so there remat shows its extra FLOPs but saves no temp memory (the U-Nets); inside a scanned
+layer stack (the DiT, zoo/nn/stack.py) it halves it. GPU/TPU place it in the backward pass.
 XLA's backend optimisation level is 0 by default (`--optimize` for full): it halves the CPU
 compile and leaves the buffer assignment, hence every byte count, unchanged.
 
