@@ -17,6 +17,7 @@ from zoo.bench import stack as stack_bench
 from zoo.models import dit
 from zoo.models import text
 from zoo.models import vit
+from zoo.models import vlm
 from zoo.nn import lora
 from zoo.nn import stack
 
@@ -50,8 +51,20 @@ def _text(**overrides):
   return model, (tokens,), {}
 
 
+def _vlm(**overrides):
+  """Depth 5 in groups of two (a cross-attention block each): two scanned, one unrolled."""
+  model = vlm.VLM(**(vlm.preset('tiny') | dict(width=32, depth=5, num_heads=4, vision_width=32,
+                                               vision_depth=4, vision_heads=4, max_len=16)
+                     | overrides))
+  images = RNG.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  return model, (images, RNG.integers(3, model.vocab_size, (2, 8)).astype(np.int32)), {}
+
+
 CASES = {'dit': _dit, 'dit_remat': lambda: _dit(remat=True), 'dit_text_control': _dit_text_control,
-         'vit': _vit, 'text': _text}
+         'vit': _vit, 'text': _text, 'vlm_mid': _vlm,
+         # Vision layers 0-1 scanned, 2 unrolled (pruning reads its attention), 3 alone; the
+         # language layers one a step.
+         'vlm_prune_late': lambda: _vlm(reduce='prune', reduce_from=3, fusion='late')}
 
 
 def _scalar(model, args, kwargs):

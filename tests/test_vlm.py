@@ -7,6 +7,7 @@ import pytest
 
 from zoo.models import decoding
 from zoo.models import vlm
+from zoo.nn import vlm_layers
 
 TINY = vlm.preset('tiny') | dict(width=32, depth=4, num_heads=4, vision_width=32,
                                  vision_depth=2, vision_heads=4, max_len=16)
@@ -77,7 +78,7 @@ def test_mid_fusion_with_closed_gates_equals_the_text_only_model():
 
 
 def test_prefix_mask():
-  allowed = np.asarray(decoding.jnp.asarray(vlm.allowed_slots(
+  allowed = np.asarray(decoding.jnp.asarray(vlm_layers.allowed_slots(
       jnp.arange(5), jnp.array([[True] * 5, [False, True, True, True, True]]),
       jnp.array([3, 0]))))
   # Row 0: slots 0-2 are the bidirectional prefix, then causal.

@@ -135,7 +135,8 @@ def run(families=cases_lib.FAMILIES, sizes=SIZES, repeats=5, warmup=2, torch_pee
   if sampler:
     case = cases_lib.smoke_case('unet', EXPERIMENTS)
     report['sampler'] = {'case': cases_lib.describe(case),
-                         'rows': scaling.sampler_overhead(case, repeats=repeats)}
+                         'rows': scaling.sampler_overhead(
+                             case, repeats=max(repeats, scaling.SAMPLER_PAIRS))}
   report['seconds'] = time.time() - start
   return report
 
@@ -164,13 +165,26 @@ def parse_args(argv):
   parser.add_argument('--note', default='', help='a paragraph for BENCHMARKS.md (conditions)')
   parser.add_argument('--from-json', default=None,
                       help='render the tables / markdown / plot of a saved report (no timing)')
+  parser.add_argument('--update', default=None,
+                      help='a saved report whose rows / sweeps / sampler this run measures anew '
+                      '(the rest kept; BENCHMARKS.md lists both commands)')
   args = parser.parse_args(argv)
   for flag in ('repeats', 'batch_scale', 'matmul_n'):
     if getattr(args, flag) < 1:
       parser.error(f'--{flag.replace("_", "-")} {getattr(args, flag)}: must be at least 1')
   if args.flax_python and not os.access(args.flax_python, os.X_OK):
     parser.error(f'--flax-python {args.flax_python}: not an executable interpreter')
+  for flag in ('from_json', 'update'):
+    path = getattr(args, flag)
+    if path and not os.path.isfile(path):
+      parser.error(f'--{flag.replace("_", "-")} {path}: no such report')
   return args
+
+
+def command_line(argv):
+  """How this run was started, with the environment that changes its numbers."""
+  env = [f'{k}={os.environ[k]}' for k in ('ZOO_CPU_CONV', 'XLA_FLAGS') if os.environ.get(k)]
+  return ' '.join([*env, 'zoo bench', *argv])
 
 
 def main(argv=None):
@@ -187,7 +201,10 @@ def main(argv=None):
                sweeps=not args.no_sweeps, sampler=not args.no_sampler,
                max_sweep_seconds=args.max_sweep_seconds, batch_scale=args.batch_scale,
                matmul_n=args.matmul_n)
-  report['command'] = 'zoo bench ' + ' '.join(argv)
+  report['command'] = command_line(argv)
+  if args.update:
+    with open(args.update) as f:
+      report = perf_report.merge(json.load(f), report)
   return _outputs(report, args)
 
 

@@ -9,11 +9,15 @@ median seconds unless the FLOPs at the bench cases' achieved FLOP/s predict more
 minutes on two cores).
 
 Sampler: DDIM over NFE steps in one jitted `lax.scan` (`samplers.sample`) against NFE calls of the
-jitted bare denoiser from Python, same model, batch and device; overhead = loop / bare - 1.
+jitted bare denoiser from Python, same model, batch and device, timed in alternating pairs (loop,
+bare): overhead = the median over pairs of loop / bare, - 1, with its quartiles. Timing each
+side's repeats in a block instead gave +35% at 50 NFE on one run and -4% at 10 on the same run:
+drift of the machine between the blocks, not the loop.
 """
 
 import dataclasses
 import math
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,7 @@ from zoo import files
 RESOLUTIONS = (32, 64, 128, 256)
 VIT_SIDES = (64, 128, 224, 320, 512)  # Patch 16: 16 .. 1024 tokens.
 NFES = (1, 2, 5, 10, 25, 50)
+SAMPLER_PAIRS = 11  # Timed pairs per NFE at least: the machine's noise is ±10% a call.
 
 
 def _resized(case, side):
@@ -76,8 +81,9 @@ def sweeps(bench_cases, flops_per_s, max_seconds=20.0, repeats=3, log=print):
   return out
 
 
-def sampler_overhead(case, nfes=NFES, repeats=5):
-  """Rows of NFE, loop seconds, bare-calls seconds, overhead and images/s (DDIM, eta 0)."""
+def sampler_overhead(case, nfes=NFES, repeats=SAMPLER_PAIRS):
+  """Rows of NFE, median loop and bare-calls seconds, overhead (median of the `repeats` paired
+  ratios - 1) and its quartiles, images/s (DDIM, eta 0); after one warm-up of each."""
   mod = zoo_side.module(case)
   batch = jax.tree.map(jnp.asarray, cases_lib.inputs(case))
   params = zoo_side.init_params(case, mod, batch)
@@ -97,17 +103,22 @@ def sampler_overhead(case, nfes=NFES, repeats=5):
     loop = jax.jit(lambda p, x, c, n=nfe: samplers.sample(
         lambda x_t, t_B: denoise(p, x_t, t_B, c), sched, x, jax.random.key(0), sampler='ddim',
         steps=n))
-    loop_s = bench.median_seconds(lambda: loop(params, x_T, cond), repeats, warmup=1)
-    ts = jnp.asarray(samplers.timesteps_for(1000, nfe)[::-1].copy())
+    t_Bs = [jnp.full((x_T.shape[0],), t, jnp.int32)
+            for t in samplers.timesteps_for(1000, nfe)[::-1]]
 
     def calls():
       x = x_T
-      for t in ts:
-        x = bare(params, x, jnp.full((x.shape[0],), t, jnp.int32), cond)
+      for t_B in t_Bs:
+        x = bare(params, x, t_B, cond)
       return x
-    bare_s = bench.median_seconds(calls, repeats, warmup=1)
-    rows.append({'nfe': nfe, 'loop_s': loop_s, 'bare_s': bare_s,
-                 'overhead': loop_s / bare_s - 1.0, 'images_per_s': case.batch / loop_s})
+    pairs = [(bench.median_seconds(lambda: loop(params, x_T, cond), 1, warmup=int(i == 0)),
+              bench.median_seconds(calls, 1, warmup=int(i == 0))) for i in range(repeats)]
+    loop_s, bare_s = (statistics.median(side) for side in zip(*pairs))
+    q1, overhead, q3 = (statistics.quantiles([a / b for a, b in pairs], n=4) if repeats > 1
+                        else [pairs[0][0] / pairs[0][1]] * 3)
+    rows.append({'nfe': nfe, 'loop_s': loop_s, 'bare_s': bare_s, 'overhead': overhead - 1.0,
+                 'overhead_q1': q1 - 1.0, 'overhead_q3': q3 - 1.0,
+                 'images_per_s': case.batch / loop_s})
   return rows
 
 

@@ -22,7 +22,7 @@ from zoo.bench import cases as cases_lib
 from zoo.bench import zoo_side
 from zoo.nn import stack
 
-FAMILIES = ('dit', 'vit', 'text')  # The bench families whose models have a scanned stack.
+FAMILIES = ('dit', 'vit', 'text', 'vlm')  # The bench families whose models have a scanned stack.
 
 
 def _compiled_step(case, unrolled):

@@ -19,7 +19,8 @@ the early / late baselines as the seed names them):
 The vision tower keeps the ViT's parameter layout (`vision/{embeddings, pre_layrnorm, encoder/
 layers_i, post_layernorm}`, zoo/models/vit.py) so a dual encoder's image tower initialises it;
 its attention and token reduction (pruning, ToMe merging, sparse and low-rank attention) come
-from zoo/nn/mitigations.py. Language layers are pre-LN with rotary (or learned) positions.
+from zoo/nn/mitigations.py. Language layers (zoo/nn/vlm_layers.py) are pre-LN with rotary (or
+learned) positions.
 
 With `decode=True` the self-attention keeps a key/value cache (Flax collection 'cache', C =
 `cache_slots` slots): a call with L tokens writes slots i..i+L-1 (i the cache's index) and
@@ -32,13 +33,14 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from zoo.models import text
 from zoo.models import vit
 from zoo.nn import layers
 from zoo.nn import mitigations
+from zoo.nn import stack
+from zoo.nn import vlm_layers
 
 FUSIONS = ('mid', 'early', 'late', 'none')
 POSITIONS = ('rope', 'learned')
@@ -59,146 +61,6 @@ def preset(name: str) -> dict[str, Any]:
   if name not in PRESETS:
     raise ValueError(f'unknown vlm preset {name!r}; allowed: {sorted(PRESETS)}')
   return dict(PRESETS[name])
-
-
-def rotary(x_BxLxAxK, positions_BxL, base=10000.0):
-  """Rotary position embedding (Su et al. 2021), the rotate-half layout of GPT-NeoX / Llama."""
-  half = x_BxLxAxK.shape[-1] // 2
-  freqs_H = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BxLx1xH = positions_BxL.astype(jnp.float32)[:, :, None, None] * freqs_H[None, None, None]
-  sin, cos = jnp.sin(angles_BxLx1xH), jnp.cos(angles_BxLx1xH)
-  x1, x2 = x_BxLxAxK[..., :half].astype(jnp.float32), x_BxLxAxK[..., half:].astype(jnp.float32)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxAxK.dtype)
-
-
-def allowed_slots(query_slots_L, key_mask_BxC, prefix_B):
-  """BxLxC: key slot c is real and causal (c <= the query's slot) or inside the prefix."""
-  key_slots_C = jnp.arange(key_mask_BxC.shape[1])
-  causal_LxC = key_slots_C[None, :] <= query_slots_L[:, None]
-  prefix_BxC = key_slots_C[None, :] < prefix_B[:, None]
-  return key_mask_BxC[:, None, :] & (causal_LxC[None] | prefix_BxC[:, None, :])
-
-
-def _attend(q_BxLxAxK, k_BxCxAxK, v_BxCxAxK, allowed_BxLxC, dtype):
-  logits_BxAxLxC = jnp.einsum('blak,bcak->balc', q_BxLxAxK, k_BxCxAxK,
-                              preferred_element_type=jnp.float32) * q_BxLxAxK.shape[-1] ** -0.5
-  # The finite minimum, not -inf: a query with no allowed key averages instead of NaN.
-  logits_BxAxLxC = jnp.where(allowed_BxLxC[:, None], logits_BxAxLxC, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits_BxAxLxC, axis=-1).astype(dtype)
-  return jnp.einsum('balc,bcak->blak', probs, v_BxCxAxK)
-
-
-class CausalSelfAttention(nn.Module):
-  """Multi-head self-attention with rotary positions and an optional key/value cache."""
-  num_heads: int
-  depth: int
-  rope: bool
-  cache_slots: int
-  dtype: Any
-
-  def _cached(self, k, v, key_mask_BxL):
-    """Writes this call's keys at the cache index; returns all slots and the query slots."""
-    batch, length, heads, head_dim = k.shape
-    shape = (batch, self.cache_slots, heads, head_dim)
-    ck = self.variable('cache', 'key', jnp.zeros, shape, k.dtype)
-    cv = self.variable('cache', 'value', jnp.zeros, shape, v.dtype)
-    cm = self.variable('cache', 'mask', jnp.zeros, (batch, self.cache_slots), bool)
-    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
-    i = index.value
-    ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, i, 0, 0))
-    cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, i, 0, 0))
-    cm.value = jax.lax.dynamic_update_slice(cm.value, key_mask_BxL, (0, i))
-    index.value = i + length
-    return ck.value, cv.value, cm.value, i + jnp.arange(length)
-
-  @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, key_mask_BxL, prefix_B, decode=False):
-    batch, length, width = x_BxLxD.shape
-    heads = self.num_heads
-    attn_std, proj_std = width ** -0.5, width ** -0.5 * (2 * self.depth) ** -0.5
-    q, k, v = (text._dense(width, ('embed', 'heads'), attn_std, self.dtype, f'{n}_proj')(
-        x_BxLxD).reshape(batch, length, heads, width // heads) for n in 'qkv')
-    if self.rope:
-      q, k = rotary(q, positions_BxL), rotary(k, positions_BxL)
-    if decode:
-      k, v, key_mask, query_slots_L = self._cached(k, v, key_mask_BxL)
-    else:
-      key_mask, query_slots_L = key_mask_BxL, jnp.arange(length)
-    out = _attend(q, k, v, allowed_slots(query_slots_L, key_mask, prefix_B), self.dtype)
-    return text._dense(width, ('heads', 'embed'), proj_std, self.dtype, 'out_proj')(
-        out.reshape(batch, length, width))
-
-
-class DecoderLayer(nn.Module):
-  """Pre-LN: x + attn(LN1(x)), then x + mlp(LN2(x)); the residual stream stays float32."""
-  num_heads: int
-  mlp_dim: int
-  depth: int
-  rope: bool
-  cache_slots: int
-  norm_eps: float
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, key_mask_BxL, prefix_B, decode=False):
-    h = text.layer_norm(self.norm_eps, 'layer_norm1')(x_BxLxD).astype(self.dtype)
-    x_BxLxD = x_BxLxD + CausalSelfAttention(
-        self.num_heads, self.depth, self.rope, self.cache_slots, self.dtype, name='self_attn')(
-            h, positions_BxL, key_mask_BxL, prefix_B, decode).astype(jnp.float32)
-    h = text.layer_norm(self.norm_eps, 'layer_norm2')(x_BxLxD).astype(self.dtype)
-    return x_BxLxD + text.Mlp(self.mlp_dim, 'gelu', self.depth, self.dtype, name='mlp')(h).astype(
-        jnp.float32)
-
-
-class GatedCrossAttention(nn.Module):
-  """Flamingo's GATED XATTN-DENSE: x + tanh(a) xattn(LN(x), visual), x + tanh(b) ffw(LN(x)).
-
-  Both gates start at 0, so the block is the identity at initialisation, exactly.
-  """
-  num_heads: int
-  mlp_dim: int
-  depth: int
-  norm_eps: float
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x_BxLxD, visual_BxNxD):
-    gate = lambda name: jnp.tanh(self.param(name, nn.initializers.zeros_init(), (), jnp.float32))
-    h = text.layer_norm(self.norm_eps, 'layer_norm1')(x_BxLxD).astype(self.dtype)
-    attn = text.SelfAttention(self.num_heads, self.depth, self.dtype, name='cross_attn')(
-        h, None, visual_BxNxD.astype(self.dtype))
-    x_BxLxD = x_BxLxD + gate('attn_gate') * attn.astype(jnp.float32)
-    h = text.layer_norm(self.norm_eps, 'layer_norm2')(x_BxLxD).astype(self.dtype)
-    ffw = text.Mlp(self.mlp_dim, 'gelu', self.depth, self.dtype, name='mlp')(h)
-    return x_BxLxD + gate('mlp_gate') * ffw.astype(jnp.float32)
-
-
-class PerceiverResampler(nn.Module):
-  """R learned latents attend to [visual tokens, latents] (Flamingo's resampler), `depth` times."""
-  latents: int
-  depth: int
-  num_heads: int
-  norm_eps: float
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, visual_BxNxD):
-    batch, _, width = visual_BxNxD.shape
-    lat_RxD = self.param('latents', nn.initializers.normal(width ** -0.5),
-                         (self.latents, width), jnp.float32)
-    x_BxRxD = jnp.broadcast_to(lat_RxD[None], (batch, self.latents, width))
-    visual = text.layer_norm(self.norm_eps, 'visual_norm')(visual_BxNxD)
-    for i in range(self.depth):
-      h = text.layer_norm(self.norm_eps, f'layers_{i}_norm1')(x_BxRxD)
-      kv = jnp.concatenate([visual, h], axis=1).astype(self.dtype)
-      x_BxRxD = x_BxRxD + text.SelfAttention(self.num_heads, self.depth, self.dtype,
-                                             name=f'layers_{i}_attn')(
-          h.astype(self.dtype), None, kv).astype(jnp.float32)
-      h = text.layer_norm(self.norm_eps, f'layers_{i}_norm2')(x_BxRxD).astype(self.dtype)
-      x_BxRxD = x_BxRxD + text.Mlp(4 * width, 'gelu', self.depth, self.dtype,
-                                   name=f'layers_{i}_mlp')(h).astype(jnp.float32)
-    return text.layer_norm(self.norm_eps, 'final_norm')(x_BxRxD)
 
 
 class VisionTower(nn.Module):
@@ -304,8 +166,8 @@ class VLM(nn.Module):
       self.vision_proj = text._dense(self.width, (None, 'embed'), self.vision_width ** -0.5,
                                      dtype, 'vision_proj')
     if self.fusion == 'mid' and self.resampler_latents:
-      self.resampler = PerceiverResampler(self.resampler_latents, self.resampler_depth,
-                                          self.num_heads, self.norm_eps, dtype)
+      self.resampler = vlm_layers.PerceiverResampler(
+          self.resampler_latents, self.resampler_depth, self.num_heads, self.norm_eps, dtype)
     self.token_embedding = nn.Embed(
         self.vocab_size, self.width, param_dtype=jnp.float32,
         embedding_init=text._init(nn.initializers.normal(0.02), ('vocab', 'embed')))
@@ -313,14 +175,26 @@ class VLM(nn.Module):
       self.position_embedding = nn.Embed(
           self.cache_slots, self.width, param_dtype=jnp.float32,
           embedding_init=text._init(nn.initializers.normal(0.01), (None, 'embed')))
-    self.layers = [DecoderLayer(self.num_heads, mlp_dim, self.depth, self.positions == 'rope',
-                                self.cache_slots, self.norm_eps, dtype)
-                   for _ in range(self.depth)]
-    self.xattn = [GatedCrossAttention(self.num_heads, mlp_dim, self.depth, self.norm_eps, dtype)
+    self.layers = [vlm_layers.DecoderLayer(*self._layer_fields()) for _ in range(self.depth)]
+    self.xattn = [vlm_layers.GatedCrossAttention(self.num_heads, mlp_dim, self.depth,
+                                                 self.norm_eps, dtype)
                   for _ in self.cross_layers]
     self.final_norm = text.layer_norm(self.norm_eps, 'final_norm')
     self.head = text._dense(self.vocab_size, ('embed', 'vocab'), self.width ** -0.5, dtype,
                             'head')
+
+  def _layer_fields(self):
+    """DecoderLayer's fields (GatedCrossAttention takes the same but rope / cache_slots)."""
+    return (self.num_heads, self.mlp_dim or 4 * self.width, self.depth,
+            self.positions == 'rope', self.cache_slots, self.norm_eps, layers.to_dtype(self.dtype))
+
+  def _group_names(self, groups, size):
+    """Per scan step, LanguageGroup's children -> this module's: xattn_k, layers_{k size + j}."""
+    names = []
+    for k in range(groups):
+      entry = {f'layer_{j}': f'layers_{k * size + j}' for j in range(size)}
+      names.append(entry | ({'xattn': f'xattn_{k}'} if self.cross_layers else {}))
+    return names
 
   def encode_image(self, images_BxHxWxC):
     """What the language model reads of the image, in its width: BxMxD visual tokens ('mid':
@@ -352,10 +226,22 @@ class VLM(nn.Module):
       x_BxSxD = x_BxSxD + self.position_embedding(positions_BxL)
     x_BxSxD = nn.with_logical_constraint(x_BxSxD, ACT_AXES)
     xattn = dict(zip(self.cross_layers, self.xattn))
-    for i, layer in enumerate(self.layers):
+    # Whole groups (a cross-attention block and the layers up to the next) run as one scan
+    # (zoo/nn/stack.py), the rest unrolled; decoding (a key/value cache per layer) unrolled.
+    group = self.cross_every if self.fusion == 'mid' else 1
+    first = self.depth // group * group
+    if not decode and stack.use_scan(self) and first > group:
+      group_layer = vlm_layers.LanguageGroup(self._layer_fields(), bool(xattn), group,
+                                             parent=None)
+      x_BxSxD = stack.scan(self, group_layer, self._group_names(first // group, group),
+                           x_BxSxD, visual_BxMxD, positions_BxL, mask_BxL, prefix_B,
+                           axes=ACT_AXES)
+    else:
+      first = 0
+    for i in range(first, self.depth):
       if i in xattn:
         x_BxSxD = xattn[i](x_BxSxD, visual_BxMxD)
-      x_BxSxD = layer(x_BxSxD, positions_BxL, mask_BxL, prefix_B, decode)
+      x_BxSxD = self.layers[i](x_BxSxD, positions_BxL, mask_BxL, prefix_B, decode)
       x_BxSxD = nn.with_logical_constraint(x_BxSxD, ACT_AXES)
     h_BxLxD = self.final_norm(x_BxSxD[:, -length:])
     if self.fusion == 'late':

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.models import text
+from zoo.nn import stack
 
 ATTENTION_KINDS = ('full', 'window', 'block', 'linformer', 'nystrom')
 REDUCTIONS = ('none', 'prune', 'merge')
@@ -384,22 +385,35 @@ class ReducingEncoder(nn.Module):
       return x_BxPxD, jnp.take_along_axis(size_BxN, index_BxP, axis=1)
     return merge(x_BxNxD, size_BxN, stats['keys_BxNxK'], self.merge_r, protect=self.protect)
 
+  def _reducing(self, i):
+    """Whether tokens are reduced right before layer i."""
+    return (self.reduce == 'prune' and i == self.reduce_from) or (
+        self.reduce == 'merge' and i >= self.reduce_from)
+
   @nn.compact
   def __call__(self, x_BxNxD):
     config_check(self.attention, self.reduce, self.window, self.block, self.rank,
                  self.prune_keep, self.merge_r, x_BxNxD.shape[1], depth=self.depth,
                  reduce_from=self.reduce_from, protect=self.protect)
+    fields = (self.num_heads, self.mlp_dim, self.act, self.depth, self.norm_eps, self.dtype,
+              self.attention, self.window, self.block, self.rank)
     layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
     size_BxN = jnp.ones(x_BxNxD.shape[:2], jnp.float32)
-    stats = None
-    for i in range(self.depth):
-      reducing = (self.reduce == 'prune' and i == self.reduce_from) or (
-          self.reduce == 'merge' and i >= self.reduce_from)
-      if reducing:
+    stats, i = None, 0
+    while i < self.depth:
+      if self._reducing(i):
         x_BxNxD, size_BxN = self._reduce(x_BxNxD, size_BxN, stats)
         x_BxNxD = nn.with_logical_constraint(x_BxNxD, text.ACT_AXES)
-      x_BxNxD, stats = layer_cls(self.num_heads, self.mlp_dim, self.act, self.depth,
-                                 self.norm_eps, self.dtype, self.attention, self.window,
-                                 self.block, self.rank, name=f'layers_{i}')(x_BxNxD)
-      x_BxNxD = nn.with_logical_constraint(x_BxNxD, text.ACT_AXES)
+      end = next((j for j in range(i + 1, self.depth) if self._reducing(j)), self.depth)
+      # The layers up to the next reduction run as one scan (zoo/nn/stack.py), all but the
+      # last one before a reduction: the reduction reads its statistics.
+      last = end - 1 if end < self.depth else end
+      if stack.use_scan(self) and last - i > 1:
+        x_BxNxD = stack.scan(self, EncoderLayer(*fields), [f'layers_{j}' for j in range(i, last)],
+                             x_BxNxD, axes=text.ACT_AXES, remat=self.remat)
+        i = last
+      for i in range(i, end):
+        x_BxNxD, stats = layer_cls(*fields, name=f'layers_{i}')(x_BxNxD)
+        x_BxNxD = nn.with_logical_constraint(x_BxNxD, text.ACT_AXES)
+      i = end
     return x_BxNxD, size_BxN

@@ -1,7 +1,9 @@
 """A stack of identical layers applied as one `lax.scan`, its params kept per layer.
 
-The DiT blocks and the ViT / text encoder layers are stored as `blocks_i` / `layers_i` (the
-checkpoint layouts of their references) and created unrolled at init. In apply they run as one
+The DiT blocks, the ViT / text encoder layers and the VLM's vision and language layers (the
+latter in groups: a gated cross-attention block and the decoder layers up to the next) are
+stored as `blocks_i` / `layers_i` / `xattn_k` (the checkpoint layouts of their references) and
+created unrolled at init. In apply they run as one
 scan over those params stacked on a new leading axis. Two reasons, both measured on XLA:CPU
 (zoo/bench/PROFILE.md):
 
@@ -17,7 +19,7 @@ which sees scope paths, as `zoo.nn.lora.apply_unmerged`).
 
 import contextlib
 import contextvars
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,17 +43,29 @@ def use_scan(parent: nn.Module) -> bool:
   return not (_UNROLLED.get() or parent.is_initializing())
 
 
-def scan(parent: nn.Module, layer: nn.Module, names: Sequence[str], x, *args,
-         residuals=None, axes=None, remat=False):
-  """x through `layer` (unbound) once per name in `names`, with the params of that child of
+def scan(parent: nn.Module, layer: nn.Module, names: Sequence[str | Mapping[str, str]], x,
+         *args, residuals=None, axes=None, remat=False):
+  """x through `layer` (unbound) once per entry of `names`, with the params of that child of
   `parent`, as one `lax.scan`; then + residuals[i] (a list, or None) and the logical
-  constraint `axes`. `remat` recomputes each layer in the backward pass."""
+  constraint `axes`. `remat` recomputes each layer in the backward pass.
+
+  An entry may map `layer`'s children to children of `parent` ({'xattn': 'xattn_1', 'layer_0':
+  'layers_2', ...}): a group of differently named layers scanned as one step. A layer that
+  returns (x, aux) has aux dropped (statistics a scanned run does not need).
+  """
   params = nn.unbox(parent.variables['params'])
-  stacked = jax.tree.map(lambda *p: jnp.stack(p), *(params[n] for n in names))
+
+  def gather(entry):
+    if isinstance(entry, str):
+      return params[entry]
+    return {child: params[name] for child, name in entry.items()}
+
+  stacked = jax.tree.map(lambda *p: jnp.stack(p), *map(gather, names))
 
   def body(x, xs):
     layer_params, residual = xs
     x = layer.apply({'params': layer_params}, x, *args)
+    x = x[0] if isinstance(x, tuple) else x
     if residual is not None:
       x = x + residual.astype(x.dtype)
     return (nn.with_logical_constraint(x, axes) if axes else x), None
