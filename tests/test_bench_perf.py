@@ -142,17 +142,31 @@ def test_report_tables_and_benchmarks_md(tmp_path):
   old['rows'].append(dict(row, family='vae'))
   old['sampler'] = {'case': {}, 'rows': [{'nfe': 2, 'loop_s': 1.0, 'bare_s': 1.0,
                                           'overhead': 0.0, 'images_per_s': 1.0}]}
-  new = dict(old, rows=[dict(row, batch=row['batch'] + 1)], command='zoo bench --families dit')
+  remeasured = dict(row, batch=row['batch'] + 1, zoo=dict(row['zoo'], mfu=0.99))
+  new = dict(old, rows=[remeasured], command='zoo bench --families dit')
   del new['sampler']
   merged = perf_report.merge(old, new)
   assert [(r['family'], r['batch']) for r in merged['rows']] == [
       ('dit', row['batch'] + 1), ('vae', row['batch'])]
+  # One peak for the table: the new row's MFU against the old report's peak.
+  assert merged['rows'][0]['zoo']['mfu'] == pytest.approx(row['zoo']['mfu'])
   assert merged['sampler'] == old['sampler'] and merged['command'] == report['command']
   assert merged['updates'][0]['measured'] == ['dit/smoke']
   twice = perf_report.merge(merged, new)
   perf_report.write_markdown(twice, str(path))
   assert len(twice['updates']) == 2
   assert path.read_text().count('`zoo bench --families dit`') == 2
+
+
+def test_the_recorded_command_carries_the_environment_that_changes_the_numbers(monkeypatch):
+  import zoo
+  monkeypatch.setenv('ZOO_CPU_CONV', 'eigen')
+  monkeypatch.setenv('XLA_FLAGS', f'--xla_foo=1 {zoo.YNN_FLAG}')
+  assert perf.command_line(['--families', 'vlm']) == (
+      "ZOO_CPU_CONV=eigen XLA_FLAGS='--xla_foo=1' zoo bench --families vlm")
+  monkeypatch.delenv('ZOO_CPU_CONV')
+  monkeypatch.setenv('XLA_FLAGS', '')
+  assert perf.command_line([]) == 'zoo bench'
 
 
 def test_cli_errors_name_the_flag_and_the_choices():

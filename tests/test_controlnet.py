@@ -61,8 +61,8 @@ def test_zero_initialised_controlnet_leaves_the_base_unchanged(pair):
     assert not np.any(np.asarray(r))
   plain = base.apply({'params': base_params}, X, T, labels_B=LABELS)
   controlled = base.apply({'params': base_params}, X, T, labels_B=LABELS, control=residuals)
-  # To float rounding: DiT's scanned blocks (zoo/nn/stack.py) compile to another loop body when
-  # they add residuals, whose reductions XLA may vectorise differently.
+  # To float rounding: adding (zero) residuals changes the program, whose reductions XLA may
+  # vectorise differently.
   np.testing.assert_allclose(np.asarray(controlled), np.asarray(plain), rtol=0, atol=2e-6)
   # Trained (non-zero) zero convs do steer the base.
   residuals = control.apply({'params': perturbed(params)}, X, T, hint, labels_B=LABELS)

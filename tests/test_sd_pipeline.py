@@ -211,8 +211,8 @@ def test_controlnet_samples_as_the_controlnet_pipeline(converted, control, tmp_p
                 negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=5.0,
                 controlnet_conditioning_scale=0.7, output_type='np').images
   np.testing.assert_allclose(np.asarray(ours), want, atol=2e-4)
-  # Scale 0: the base run's images (to float rounding: the two sampling programs compile the
-  # scanned text encoder, zoo/nn/stack.py, separately); the control moves them.
+  # Scale 0: the base run's images (to float rounding: the two sampling programs are compiled
+  # separately and may vectorise reductions differently); the control moves them.
   _, base_s, base_state = runs.load(workdir)
   base = base_s.task.sample(base_state['ema_params'], rng, **kw)
   off = s.task.sample(state['ema_params'], rng, hints=hints, conditioning_scale=0.0, **kw)

@@ -75,25 +75,24 @@ def _scalar(model, args, kwargs):
   return f
 
 
-def _value_and_grad(f, params, unroll):
-  fn = jax.jit(lambda p: jax.value_and_grad(f)(p))  # A fresh function: a fresh trace.
-  if unroll:
-    with stack.unrolled():
-      return fn(params)
-  return fn(params)
-
-
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_scanned_stack_equals_the_unrolled_layers(name):
   model, args, kwargs = CASES[name]()
   params = perturbed(random_params(model, *args, **kwargs))
   f = _scalar(model, args, kwargs)
-  hlo = jax.jit(f).lower(params).as_text()
-  assert 'stablehlo.while' in hlo  # the stack really is a loop
+  programs = {  # Fresh functions, fresh traces (jit caches by function).
+      'forward': jax.jit(lambda p: f(p)), 'scanned grad': jax.jit(stack.value_and_grad(f)),
+      'grad': jax.jit(jax.value_and_grad(f))}
+  loops = {k: 'stablehlo.while' in fn.lower(params).as_text() for k, fn in programs.items()}
   with stack.unrolled():
-    assert 'stablehlo.while' not in jax.jit(lambda p: f(p)).lower(params).as_text()
-  value, grads = _value_and_grad(f, params, unroll=False)
-  ref_value, ref_grads = _value_and_grad(f, params, unroll=True)
+    unrolled_grad = jax.jit(stack.value_and_grad(f))
+    loops['scanned grad, unrolled()'] = 'stablehlo.while' in unrolled_grad.lower(
+        params).as_text()
+  # Only a gradient traced by stack.value_and_grad scans the stack, and unrolled() overrides it.
+  assert loops == {'forward': False, 'scanned grad': True, 'grad': False,
+                   'scanned grad, unrolled()': False}
+  value, grads = programs['scanned grad'](params)
+  ref_value, ref_grads = programs['grad'](params)
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   flat, ref_flat = (jax.tree_util.tree_leaves_with_path(g) for g in (grads, ref_grads))
   assert [p for p, _ in flat] == [p for p, _ in ref_flat]  # every layer keeps its own params
@@ -113,8 +112,9 @@ def test_lora_unmerged_reaches_the_layers_of_a_scanned_stack():
       if p[-1].key == 'lora_b' else x, adapters)
   assert any(p[0] == 'blocks_1' for p in lora.targets_of(params, lora.DEFAULT_TARGETS))
   merged = model.apply({'params': lora.merge(params, adapters, 1.5)}, *args, **kwargs)
-  unmerged = jax.jit(lambda p, a: lora.apply_unmerged(model, p, a, 1.5, *args, **kwargs))(
-      params, adapters)
+  with stack.scanned():  # As in a LoRA train step: apply_unmerged still unrolls the stack.
+    unmerged = jax.jit(lambda p, a: lora.apply_unmerged(model, p, a, 1.5, *args, **kwargs))(
+        params, adapters)
   base = model.apply({'params': params}, *args, **kwargs)
   assert np.abs(np.asarray(merged) - np.asarray(base)).max() > 1e-2
   np.testing.assert_allclose(merged, unmerged, atol=2e-5, rtol=0)
@@ -125,7 +125,7 @@ def _train_step(model, args, kwargs):
 
   def step(params, opt_state):
     loss = lambda p: jnp.mean(model.apply({'params': p}, *args, **kwargs) ** 2)
-    grads = jax.grad(loss)(params)
+    _, grads = stack.value_and_grad(loss)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
@@ -156,4 +156,4 @@ def test_stack_benchmark_times_both_variants(capsys):
   assert '| dit (2) |' in stack_bench.table([row])
   with pytest.raises(SystemExit):
     stack_bench.main(['--families', 'unet'])
-  assert "unknown ['unet']; allowed: ['dit', 'vit', 'text']" in capsys.readouterr().err
+  assert "unknown ['unet']; allowed: ['dit', 'vit', 'text', 'vlm']" in capsys.readouterr().err

@@ -33,6 +33,7 @@ from zoo import metrics as metrics_lib
 from zoo import optim
 from zoo import sharding
 from zoo import tasks
+from zoo.nn import stack
 
 log = logging.getLogger('zoo')
 
@@ -49,7 +50,7 @@ def train_step(state, batch, rng, *, loss_fn, tx, schedule, grad_accum, ema_deca
   step_rng = jax.random.fold_in(rng, state['step'])
   if pass_step:
     loss_fn = functools.partial(loss_fn, step=state['step'])
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = stack.value_and_grad(loss_fn, has_aux=True)  # Layer stacks scanned.
   if grad_accum == 1:
     (loss, aux), grads = grad_fn(state['params'], batch, step_rng)
   else:

@@ -36,6 +36,7 @@ from zoo import models
 from zoo.diffusion import objectives
 from zoo.diffusion import schedules
 from zoo.nn import layers
+from zoo.nn import stack
 
 PEAK_DEFINITION = ('argument + output + temp - alias bytes of the compiled program (XLA static '
                    'buffer assignment): params, inputs, outputs (loss + gradients for train) and '
@@ -115,7 +116,7 @@ def _step_fns(module, channels: int):
     return jnp.mean(objectives.loss('epsilon', sched, eps, batch['x0'], batch['noise'],
                                     batch['t']))
 
-  return jax.value_and_grad(loss), lambda params, batch: predict_eps(params, batch['x0'],
+  return stack.value_and_grad(loss), lambda params, batch: predict_eps(params, batch['x0'],
                                                                      batch, False)
 
 

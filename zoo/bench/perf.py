@@ -28,6 +28,7 @@ import time
 
 import jax
 
+import zoo
 from zoo import bench
 from zoo.bench import cases as cases_lib
 from zoo.bench import peers
@@ -183,7 +184,9 @@ def parse_args(argv):
 
 def command_line(argv):
   """How this run was started, with the environment that changes its numbers."""
-  env = [f'{k}={os.environ[k]}' for k in ('ZOO_CPU_CONV', 'XLA_FLAGS') if os.environ.get(k)]
+  flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split() if f != zoo.YNN_FLAG)
+  env = [f'ZOO_CPU_CONV={os.environ["ZOO_CPU_CONV"]}'] if os.environ.get('ZOO_CPU_CONV') else []
+  env += [f"XLA_FLAGS='{flags}'"] if flags else []  # Less the flag `import zoo` adds itself.
   return ' '.join([*env, 'zoo bench', *argv])
 
 

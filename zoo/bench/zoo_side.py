@@ -22,6 +22,7 @@ from zoo.diffusion import schedules
 from zoo.models import dual_encoder
 from zoo.models import text as text_lib
 from zoo.models import vit
+from zoo.nn import stack
 
 KL_WEIGHT = 1e-6
 LEARNING_RATE = 1e-4
@@ -108,7 +109,7 @@ def init_params(case, mod, batch):
 
 def train_step_fn(loss, tx):
   def step(params, opt_state, batch):
-    value, grads = jax.value_and_grad(loss)(params, batch)
+    value, grads = stack.value_and_grad(loss)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, value
   return step
