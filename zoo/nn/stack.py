@@ -3,9 +3,8 @@
 The DiT blocks, the ViT / text encoder layers and the VLM's vision and language layers (the
 latter in groups: a gated cross-attention block and the decoder layers up to the next) are
 stored as `blocks_i` / `layers_i` / `xattn_k` (the checkpoint layouts of their references) and
-created unrolled at init. In apply they run as one
-scan over those params stacked on a new leading axis. Two reasons, both measured on XLA:CPU
-(zoo/bench/PROFILE.md):
+created unrolled at init. In a train step they run as one scan over those params stacked on a
+new leading axis. Two reasons, both measured on XLA:CPU (zoo/bench/PROFILE.md):
 
 - Unrolled, XLA leaves the residual stream's sums unmaterialised and fuses the whole chain of
   every earlier layer into each consumer of the backward pass (a DiT-S/2 train step spent 59%
