@@ -272,6 +272,9 @@ def main(argv=None):
     return 2
   except OSError as e:  # A full disk, unreadable checkpoints (checkpoint.CorruptCheckpoint).
     print(f'zoo {args.command}: failed: {e}', file=sys.stderr)
+    # Orbax leaves the failed write's sibling futures behind; asyncio would log each one with
+    # its traceback ("exception was never retrieved") when they are collected, after this line.
+    logging.getLogger('asyncio').setLevel(logging.CRITICAL)
     return 1
   except FloatingPointError as e:
     print(f'zoo {args.command}: stopped: {e}', file=sys.stderr)
