@@ -24,9 +24,11 @@ def prune(jaxpr):
   return jaxpr.replace(eqns=kept[::-1])
 
 
-def evaluate(fn, *args):
-  """fn(*args), traced once and then run op by op (jitted calls inside `fn`, such as
-  `jax.random.normal`, run as their own cached programs) after pruning dead equations."""
-  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-  outs = jax.core.eval_jaxpr(prune(closed.jaxpr), closed.consts, *jax.tree.leaves(args))
-  return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+def run(closed, args, keep=None):
+  """The outputs of `closed` (a ClosedJaxpr) at `args`, only those `keep` marks (the others
+  None, their equations pruned). Outside a trace each op runs as its own cached program."""
+  keep = [True] * len(closed.jaxpr.outvars) if keep is None else keep
+  wanted = [v for v, k in zip(closed.jaxpr.outvars, keep) if k]
+  outs = iter(jax.core.eval_jaxpr(prune(closed.jaxpr.replace(outvars=wanted, debug_info=None)),
+                                  closed.consts, *args))
+  return [next(outs) if k else None for k in keep]

@@ -88,7 +88,10 @@ def _accumulate(grad_fn, params, batch, rng, n):
 
 def init_state(rng, batch, *, task, tx):
   """The boxed train state; params carry their logical axis names."""
-  params = task.init(rng, batch)
+  return _state_around(task.init(rng, batch), tx)
+
+
+def _state_around(params, tx):
   return {
       'step': jnp.zeros((), jnp.int32),
       'params': params,
@@ -109,6 +112,7 @@ class Setup:
   abstract_batch: dict
   state_shardings: dict
   abstract_state: dict
+  init_jaxpr: object  # task.init(rng, batch) traced once (`setup`), boxed params out.
 
   def init(self, rng, skip=()):
     """A fresh state laid out as `state_shardings`.
@@ -119,20 +123,22 @@ class Setup:
     jitted program creates each array directly on its devices; on CPU the params are drawn op
     by op first (`zoo/eager.py`: XLA:CPU compiles a jitted init several times slower).
     """
-    def draw(r):
-      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract_batch)
-      params = nn.unbox(self.task.init(r, zeros))
-      return {k: v for k, v in params.items() if k not in skip}
+    boxed = self.abstract_state['params']
+    paths, tree = jax.tree_util.tree_flatten_with_path(boxed)
+    keep = [path[0].key not in skip for path, _ in paths]
 
-    def assemble(drawn):
-      params = {k: drawn[k] if k in drawn else jax.tree.map(
-          lambda a: jnp.zeros(a.shape, a.dtype), abstract)
-                for k, abstract in self.abstract_state['params'].items()}
+    def draw(r):
+      batch = [jnp.zeros(a.shape, a.dtype) for a in jax.tree.leaves(self.abstract_batch)]
+      drawn = eager.run(self.init_jaxpr, [r, *batch], keep)
+      return jax.tree.unflatten(tree, [x if k else jnp.zeros(a.shape, a.dtype)
+                                       for x, k, (_, a) in zip(drawn, keep, paths)])
+
+    def assemble(params):
       return {'step': jnp.zeros((), jnp.int32), 'params': params,
               'opt_state': self.tx.init(params), 'ema_params': jax.tree.map(jnp.copy, params)}
 
     if self.mesh.devices.flat[0].platform == 'cpu':
-      return jax.jit(assemble, out_shardings=self.state_shardings)(eager.evaluate(draw, rng))
+      return jax.jit(assemble, out_shardings=self.state_shardings)(draw(rng))
     return jax.jit(lambda r: assemble(draw(r)), out_shardings=self.state_shardings)(rng)
 
 
@@ -148,13 +154,15 @@ def setup(config, batch_spec):
       k: jax.ShapeDtypeStruct((per_process * jax.process_count(), *shape[1:]), dtype,
                               sharding=batch_sh)
       for k, (shape, dtype) in batch_spec.items()}
-  boxed = jax.eval_shape(functools.partial(init_state, task=task, tx=tx),
-                         jax.random.PRNGKey(0), abstract_batch)
+  # One trace of the init serves the shapes here and the draws of `Setup.init`.
+  init_jaxpr, params = jax.make_jaxpr(task.init, return_shape=True)(
+      jax.random.PRNGKey(0), abstract_batch)
+  boxed = jax.eval_shape(functools.partial(_state_around, tx=tx), params)
   state_sh = sharding.tree_shardings(boxed, mesh, rules)
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), state_sh)
   return Setup(config, mesh, task, tx, schedule, batch_sh, abstract_batch, state_sh,
-               abstract_state)
+               abstract_state, init_jaxpr)
 
 
 def _check_devices(config):
