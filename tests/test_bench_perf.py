@@ -156,6 +156,17 @@ def test_report_tables_and_benchmarks_md(tmp_path):
   perf_report.write_markdown(twice, str(path))
   assert len(twice['updates']) == 2
   assert path.read_text().count('`zoo bench --families dit`') == 2
+  # Another machine's numbers never go into the table: refused by merge, and by the run itself
+  # right after it has measured its peak (before any benchmark).
+  faster = dict(new, peak=dict(new['peak'], peak_flops_per_s=4 * old['peak']['peak_flops_per_s']))
+  with pytest.raises(ValueError, match=r"is 4\.00x the report's .*allowed 0\.67-1\.50x"):
+    perf_report.merge(old, faster)
+  logged = []
+  with pytest.raises(ValueError, match='without --update'):
+    perf.run(families=('dit',), sizes=('smoke',), repeats=1, warmup=1, sweeps=False,
+             sampler=False, torch_peer=False, same_peak_as=old['peak']['peak_flops_per_s'] / 4,
+             log=logged.append)
+  assert not any('dit' in line for line in logged)  # Stopped at the peak: no row measured.
 
 
 def test_the_recorded_command_carries_the_environment_that_changes_the_numbers(monkeypatch):

@@ -106,8 +106,9 @@ def measure_case(case, *, repeats, warmup, torch_peer, flax_python, peak_flops, 
 
 def run(families=cases_lib.FAMILIES, sizes=SIZES, repeats=5, warmup=2, torch_peer=True,
         flax_python=None, sweeps=True, sampler=True, max_sweep_seconds=20.0, batch_scale=1,
-        matmul_n=2048, log=print):
-  """The whole report (JSON-ready)."""
+        matmul_n=2048, same_peak_as=None, log=print):
+  """The whole report (JSON-ready). `same_peak_as` (FLOP/s, a report being updated): stop
+  right after the peak unless it matches (`perf_report.check_same_machine`)."""
   unknown = sorted(set(families) - set(cases_lib.FAMILIES))
   if unknown:
     raise ValueError(f'families {unknown}: unknown; allowed: {list(cases_lib.FAMILIES)}')
@@ -120,6 +121,8 @@ def run(families=cases_lib.FAMILIES, sizes=SIZES, repeats=5, warmup=2, torch_pee
   if flax_python:
     report['machine']['flax_peer_versions'] = peers.flax_versions(flax_python)
   peak_flops = report['peak']['peak_flops_per_s']
+  if same_peak_as:
+    perf_report.check_same_machine(same_peak_as, peak_flops)
   bench_cases = {f: c.with_batch(c.batch * batch_scale)
                  for f, c in cases_lib.bench_cases().items()}
   for size in sizes:
@@ -198,16 +201,20 @@ def main(argv=None):
     with open(args.from_json) as f:
       report = json.load(f)
     return _outputs(report, args, write_json=False)
+  old = None
+  if args.update:
+    with open(args.update) as f:
+      old = json.load(f)
   report = run(families=tuple(f for f in args.families.split(',') if f),
                sizes=tuple(s for s in args.sizes.split(',') if s), repeats=args.repeats,
                warmup=args.warmup, torch_peer=not args.no_torch, flax_python=args.flax_python,
                sweeps=not args.no_sweeps, sampler=not args.no_sampler,
                max_sweep_seconds=args.max_sweep_seconds, batch_scale=args.batch_scale,
-               matmul_n=args.matmul_n)
+               matmul_n=args.matmul_n,
+               same_peak_as=old['peak']['peak_flops_per_s'] if old else None)
   report['command'] = command_line(argv)
-  if args.update:
-    with open(args.update) as f:
-      report = perf_report.merge(json.load(f), report)
+  if old:
+    report = perf_report.merge(old, report)
   return _outputs(report, args)
 
 

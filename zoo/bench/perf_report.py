@@ -139,11 +139,29 @@ def tables(report):
   return '\n\n'.join(parts)
 
 
+# How far a --update run's measured peak may stray from the report's before the two runs count
+# as different machines (repeat measurements here scatter by up to ~1.3x, mostly PyTorch's).
+PEAK_TOLERANCE = 1.5
+
+
+def check_same_machine(old_peak, new_peak):
+  """Raises unless `new_peak` (FLOP/s) could be a re-measurement of `old_peak`'s machine."""
+  ratio = new_peak / old_peak
+  if not 1 / PEAK_TOLERANCE <= ratio <= PEAK_TOLERANCE:
+    raise ValueError(
+        f'this machine\'s peak ({new_peak / 1e9:.1f} GFLOP/s) is {ratio:.2f}x the report\'s '
+        f'({old_peak / 1e9:.1f}); allowed {1 / PEAK_TOLERANCE:.2f}-{PEAK_TOLERANCE:.2f}x. '
+        'An update would mix two machines in one table: run the whole report here instead '
+        '(without --update)')
+
+
 def merge(old, new):
   """`old` with what `new` measured put in its place: rows by (family, size), sweep families,
   the sampler; `new`'s command, peak and duration appended to old['updates']. The new rows'
   MFU is charged against old's peak: one peak for the whole table (a matmul measured once
-  scatters by more than the rows it would rescale)."""
+  scatters by more than the rows it would rescale); `check_same_machine` refuses peaks
+  that differ by more than that."""
+  check_same_machine(old['peak']['peak_flops_per_s'], new['peak']['peak_flops_per_s'])
   merged = dict(old)
   replaced = {(r['family'], r['size']): _rescaled(r, old['peak']['peak_flops_per_s'])
               for r in new['rows']}
