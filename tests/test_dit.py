@@ -173,3 +173,20 @@ def test_check_config_accepts_valid():
   dit.check_config(dit.preset('tiny'), 8)
   dit.check_config({}, 32)
   assert dit.MODEL is dit.DiT
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_attention_probabilities_are_recomputed_in_the_backward_pass_not_stored(masked):
+  b, n, a, k = 2, 16, 4, 8
+  rng = np.random.default_rng(0)
+  q, k_, v = (jnp.asarray(rng.standard_normal((b, n, a, k)), jnp.float32) for _ in range(3))
+  mask = jnp.asarray(rng.random((b, n)) < 0.7) if masked else None
+  residuals, grads = {}, {}
+  # layers._attention: the same function without jax.checkpoint.
+  for name, core in (('recomputed', layers.attention_heads), ('stored', layers._attention)):
+    out, vjp = jax.vjp(lambda *qkv: core(*qkv, mask, jnp.float32), q, k_, v)
+    residuals[name] = {x.shape for x in jax.tree.leaves(vjp)}
+    grads[name] = vjp(jnp.cos(out))
+  assert (b, a, n, n) in residuals['stored'] and (b, a, n, n) not in residuals['recomputed']
+  for x, y in zip(grads['recomputed'], grads['stored']):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)

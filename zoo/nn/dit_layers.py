@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zoo.nn import layers
+
 LN_EPS = 1e-6
 
 
@@ -51,11 +53,7 @@ class SelfAttention(nn.Module):
     qkv_BxNx3D = dense(3 * hidden, ('embed', 'heads'), XAVIER, self.dtype, 'qkv')(x_BxNxD)
     q_BxNxAxK, k_BxNxAxK, v_BxNxAxK = (
         qkv_BxNx3D.reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 1, 3, 4))
-    # Logits and softmax in float32: bf16 logits saturate.
-    logits_BxAxNxN = jnp.einsum('bnak,bmak->banm', q_BxNxAxK, k_BxNxAxK,
-                                preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    probs_BxAxNxN = jax.nn.softmax(logits_BxAxNxN, axis=-1).astype(self.dtype)
-    out_BxNxAxK = jnp.einsum('banm,bmak->bnak', probs_BxAxNxN, v_BxNxAxK)
+    out_BxNxAxK = layers.attention_heads(q_BxNxAxK, k_BxNxAxK, v_BxNxAxK, None, self.dtype)
     return dense(hidden, ('heads', 'embed'), XAVIER, self.dtype, 'proj')(
         out_BxNxAxK.reshape(batch, tokens, hidden))
 
@@ -92,12 +90,7 @@ class CrossAttention(nn.Module):
         ctx_BxLxD.astype(self.dtype))
     k_BxLxAxK, v_BxLxAxK = kv_BxLx2D.reshape(
         batch, -1, 2, self.num_heads, head_dim).transpose(2, 0, 1, 3, 4)
-    logits_BxAxNxL = jnp.einsum('bnak,blak->banl', q_BxNxAxK, k_BxLxAxK,
-                                preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    logits_BxAxNxL = jnp.where(mask_BxL[:, None, None, :], logits_BxAxNxL,
-                               jnp.finfo(jnp.float32).min)
-    probs_BxAxNxL = jax.nn.softmax(logits_BxAxNxL, axis=-1).astype(self.dtype)
-    out_BxNxAxK = jnp.einsum('banl,blak->bnak', probs_BxAxNxL, v_BxLxAxK)
+    out_BxNxAxK = layers.attention_heads(q_BxNxAxK, k_BxLxAxK, v_BxLxAxK, mask_BxL, self.dtype)
     out_BxNxD = dense(hidden, ('heads', 'embed'), ZEROS, self.dtype, 'proj')(
         out_BxNxAxK.reshape(batch, tokens, hidden))
     # A fully masked row would softmax to a uniform average of padding: drop it instead.
