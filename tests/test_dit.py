@@ -1,5 +1,7 @@
 """DiT: adaLN-Zero init, shapes, pinned sizes, conditioning, fixed positions, config errors."""
 
+import contextlib
+
 import jax
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -11,6 +13,7 @@ import pytest
 
 from zoo.models import dit
 from zoo.nn import layers
+from zoo.nn import stack
 
 from conftest import perturbed
 
@@ -181,12 +184,20 @@ def test_attention_probabilities_are_recomputed_in_the_backward_pass_not_stored(
   rng = np.random.default_rng(0)
   q, k_, v = (jnp.asarray(rng.standard_normal((b, n, a, k)), jnp.float32) for _ in range(3))
   mask = jnp.asarray(rng.random((b, n)) < 0.7) if masked else None
-  residuals, grads = {}, {}
-  # layers._attention: the same function without jax.checkpoint.
-  for name, core in (('recomputed', layers.attention_heads), ('stored', layers._attention)):
-    out, vjp = jax.vjp(lambda *qkv: core(*qkv, mask, jnp.float32), q, k_, v)
-    residuals[name] = {x.shape for x in jax.tree.leaves(vjp)}
-    grads[name] = vjp(jnp.cos(out))
-  assert (b, a, n, n) in residuals['stored'] and (b, a, n, n) not in residuals['recomputed']
-  for x, y in zip(grads['recomputed'], grads['stored']):
+
+  def vjp_under(*settings):
+    with contextlib.ExitStack() as within:
+      for setting in settings:
+        within.enter_context(setting())
+      out, vjp = jax.vjp(lambda *qkv: layers.attention_heads(*qkv, mask), q, k_, v)
+    return {x.shape for x in jax.tree.leaves(vjp)}, vjp(jnp.cos(out))
+
+  # In a train step's gradient (stack.scanned) the probabilities are recomputed; outside one,
+  # and when FLOPs are counted (stack.unrolled), stored.
+  recomputed, grads = vjp_under(stack.scanned)
+  stored, stored_grads = vjp_under(stack.scanned, stack.unrolled)
+  plain, _ = vjp_under()
+  probs = (b, a, n, n)
+  assert probs not in recomputed and probs in stored and probs in plain
+  for x, y in zip(grads, stored_grads):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)

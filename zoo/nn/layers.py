@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zoo.nn import stack
+
 Dtype = Any
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -155,9 +157,12 @@ def dot_product_attention(q_BxNxC, k_BxMxC, v_BxMxC, heads: int, mask_BxM=None,
 def attention_heads(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, mask_BxM=None, dtype=jnp.float32):
   """softmax(q k^T / sqrt(K)) v per head, BxNxAxK. The BxAxNxM probabilities are recomputed
   in the backward pass from q, k, v (Megatron's selective recomputation, as memory-efficient
-  attention kernels do), never stored: XLA's temp memory for DiT-S/2's bench train step goes
-  1.93 -> 1.65 GiB at the same step time; one more q k^T matmul and softmax per backward."""
-  return _attention_recomputed(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, mask_BxM, dtype)
+  attention kernels do), never stored, while a train step's gradient is traced
+  (`stack.recompute_attention`). XLA's temp memory for DiT-S/2's bench train step goes 1.93
+  -> 1.65 GiB at the same step time. On CPU, XLA schedules an unrolled model's recomputation
+  right after its forward pass, so the U-Nets only pay the extra matmul and softmax there."""
+  core = _attention_recomputed if stack.recompute_attention() else _attention
+  return core(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, mask_BxM, dtype)
 
 
 def _attention(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, mask_BxM, dtype):

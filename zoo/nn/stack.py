@@ -58,6 +58,13 @@ def use_scan(parent: nn.Module) -> bool:
   return _SCANNED.get() and not _UNROLLED.get() and not parent.is_initializing()
 
 
+def recompute_attention() -> bool:
+  """Whether attention recomputes its probabilities in the backward pass instead of storing
+  them (zoo.nn.layers.attention_heads): in a train step's gradient (`scanned()`), not under
+  `unrolled()`, so FLOP counts stay the model's."""
+  return _SCANNED.get() and not _UNROLLED.get()
+
+
 def value_and_grad(fn, **kwargs):
   """`jax.value_and_grad(fn, **kwargs)` whose trace applies layer stacks as scans."""
   grad_fn = jax.value_and_grad(fn, **kwargs)
