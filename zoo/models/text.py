@@ -98,15 +98,8 @@ class SelfAttention(nn.Module):
     q, k, v = (_dense(width, ('embed', 'heads'), attn_std, self.dtype, f'{n}_proj')(inputs)
                .reshape(batch, inputs.shape[1], heads, head_dim)
                for n, inputs in zip('qkv', (x_BxLxD, kv_BxMxD, kv_BxMxD)))
-    logits_BxAxLxM = jnp.einsum('bqak,bmak->baqm', q, k,
-                                preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    if allowed_BxLxM is not None:
-      # `where` with the finite minimum, not an additive -inf: a fully masked query row (e.g. a
-      # leading pad) then becomes a uniform average instead of NaN.
-      logits_BxAxLxM = jnp.where(allowed_BxLxM[:, None], logits_BxAxLxM,
-                                 jnp.finfo(jnp.float32).min)
-    probs_BxAxLxM = jax.nn.softmax(logits_BxAxLxM, axis=-1).astype(self.dtype)
-    out_BxLxAxK = jnp.einsum('baqm,bmak->bqak', probs_BxAxLxM, v)
+    # A fully masked query row (e.g. a leading pad) becomes a uniform average, not NaN.
+    out_BxLxAxK = layers.attention_heads(q, k, v, allowed_BxLxM, self.dtype)
     return _dense(width, ('heads', 'embed'), proj_std, self.dtype, 'out_proj')(
         out_BxLxAxK.reshape(batch, length, width))
 

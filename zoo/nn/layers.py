@@ -155,12 +155,16 @@ def dot_product_attention(q_BxNxC, k_BxMxC, v_BxMxC, heads: int, mask_BxM=None,
 
 
 def attention_heads(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, mask_BxM=None, dtype=jnp.float32):
-  """softmax(q k^T / sqrt(K)) v per head, BxNxAxK. The BxAxNxM probabilities are recomputed
-  in the backward pass from q, k, v (Megatron's selective recomputation, as memory-efficient
-  attention kernels do), never stored, while a train step's gradient is traced
-  (`stack.recompute_attention`). XLA's temp memory for DiT-S/2's bench train step goes 1.93
-  -> 1.65 GiB at the same step time. On CPU, XLA schedules an unrolled model's recomputation
-  right after its forward pass, so the U-Nets only pay the extra matmul and softmax there."""
+  """softmax(q k^T / sqrt(K)) v per head, BxNxAxK; `mask_BxM` (True = attend) is BxM (keys)
+  or BxNxM (query-key pairs); logits and softmax in float32, probabilities in `dtype`.
+
+  While a train step's gradient is traced (`stack.recompute_attention`) the BxAxNxM
+  probabilities are recomputed in the backward pass from q, k, v (Megatron's selective
+  recomputation, as memory-efficient attention kernels do), never stored: XLA's temp memory for
+  DiT-S/2's bench train step goes 1.93 -> 1.65 GiB at the same step time. On CPU, XLA
+  schedules an unrolled model's recomputation right after its forward pass, so the U-Nets only
+  pay the extra matmul and softmax there.
+  """
   core = _attention_recomputed if stack.recompute_attention() else _attention
   return core(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, mask_BxM, dtype)
 
@@ -169,9 +173,12 @@ def _attention(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, mask_BxM, dtype):
   # Logits and softmax in float32 (diffusers upcast_softmax=True): bf16 logits saturate.
   logits_BxAxNxM = jnp.einsum('bnak,bmak->banm', q_BxNxAxK, k_BxMxAxK,
                               preferred_element_type=jnp.float32) * (q_BxNxAxK.shape[-1] ** -0.5)
-  if mask_BxM is not None:
-    logits_BxAxNxM = jnp.where(mask_BxM.astype(bool)[:, None, None, :], logits_BxAxNxM,
-                               jnp.finfo(jnp.float32).min)
+  if mask_BxM is not None:  # Keys (BxM) or query-key pairs (BxNxM) attended to.
+    allowed = mask_BxM.astype(bool)
+    allowed = allowed[:, None, None, :] if allowed.ndim == 2 else allowed[:, None]
+    # `where` with the finite minimum, not an additive -inf: a query whose keys are all hidden
+    # then averages them all instead of giving NaN.
+    logits_BxAxNxM = jnp.where(allowed, logits_BxAxNxM, jnp.finfo(jnp.float32).min)
   probs_BxAxNxM = jax.nn.softmax(logits_BxAxNxM, axis=-1).astype(dtype)
   return jnp.einsum('banm,bmak->bnak', probs_BxAxNxM, v_BxMxAxK)
 

@@ -116,7 +116,13 @@ def allowed_mask(kind: str, n: int, *, window: int = 0, block: int = 0) -> np.nd
 
 
 def _softmax_attention(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, allowed_BxNxM, dtype):
-  """(out_BxNxAxK, received_BxM): zoo.models.text.SelfAttention's exact ops."""
+  """(out_BxNxAxK, received_BxM): zoo.models.text.SelfAttention's exact ops (probabilities
+  recomputed in a train step's backward pass, as zoo.nn.layers.attention_heads does)."""
+  core = _attention_recomputed if stack.recompute_attention() else _attention
+  return core(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, allowed_BxNxM, dtype)
+
+
+def _attention(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, allowed_BxNxM, dtype):
   scale = q_BxNxAxK.shape[-1] ** -0.5
   logits_BxAxNxM = jnp.einsum('bqak,bmak->baqm', q_BxNxAxK, k_BxMxAxK,
                               preferred_element_type=jnp.float32) * scale
@@ -125,6 +131,9 @@ def _softmax_attention(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, allowed_BxNxM, dtype):
   probs_BxAxNxM = jax.nn.softmax(logits_BxAxNxM, axis=-1)
   out_BxNxAxK = jnp.einsum('baqm,bmak->bqak', probs_BxAxNxM.astype(dtype), v_BxMxAxK)
   return out_BxNxAxK, jnp.mean(probs_BxAxNxM, axis=(1, 2))
+
+
+_attention_recomputed = jax.checkpoint(_attention, static_argnums=(4,))
 
 
 def _block_attention(q_BxNxAxK, k_BxNxAxK, v_BxNxAxK, block, dtype):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.models import text
+from zoo.nn import layers
 
 ACT_AXES = text.ACT_AXES
 
@@ -33,15 +34,6 @@ def allowed_slots(query_slots_L, key_mask_BxC, prefix_B):
   causal_LxC = key_slots_C[None, :] <= query_slots_L[:, None]
   prefix_BxC = key_slots_C[None, :] < prefix_B[:, None]
   return key_mask_BxC[:, None, :] & (causal_LxC[None] | prefix_BxC[:, None, :])
-
-
-def _attend(q_BxLxAxK, k_BxCxAxK, v_BxCxAxK, allowed_BxLxC, dtype):
-  logits_BxAxLxC = jnp.einsum('blak,bcak->balc', q_BxLxAxK, k_BxCxAxK,
-                              preferred_element_type=jnp.float32) * q_BxLxAxK.shape[-1] ** -0.5
-  # The finite minimum, not -inf: a query with no allowed key averages instead of NaN.
-  logits_BxAxLxC = jnp.where(allowed_BxLxC[:, None], logits_BxAxLxC, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits_BxAxLxC, axis=-1).astype(dtype)
-  return jnp.einsum('balc,bcak->blak', probs, v_BxCxAxK)
 
 
 class CausalSelfAttention(nn.Module):
@@ -80,7 +72,8 @@ class CausalSelfAttention(nn.Module):
       k, v, key_mask, query_slots_L = self._cached(k, v, key_mask_BxL)
     else:
       key_mask, query_slots_L = key_mask_BxL, jnp.arange(length)
-    out = _attend(q, k, v, allowed_slots(query_slots_L, key_mask, prefix_B), self.dtype)
+    allowed_BxLxC = allowed_slots(query_slots_L, key_mask, prefix_B)
+    out = layers.attention_heads(q, k, v, allowed_BxLxC, self.dtype)
     return text._dense(width, ('heads', 'embed'), proj_std, self.dtype, 'out_proj')(
         out.reshape(batch, length, width))
 
