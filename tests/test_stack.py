@@ -13,6 +13,7 @@ from conftest import random_params
 from zoo import bench
 from zoo.bench import cases as cases_lib
 from zoo.bench import perf
+from zoo.bench import recompute as recompute_bench
 from zoo.bench import stack as stack_bench
 from zoo.models import dit
 from zoo.models import text
@@ -157,3 +158,15 @@ def test_stack_benchmark_times_both_variants(capsys):
   with pytest.raises(SystemExit):
     stack_bench.main(['--families', 'unet'])
   assert "unknown ['unet']; allowed: ['dit', 'vit', 'text', 'vlm']" in capsys.readouterr().err
+
+
+def test_recompute_benchmark_compares_stored_and_recomputed_attention(capsys):
+  row = recompute_bench.compare(cases_lib.smoke_case('dit', perf.EXPERIMENTS).with_batch(2), 1)
+  assert row['stored_step_s'] > 0 and row['recomputed_step_s'] > 0
+  assert row['speedup'] == pytest.approx(row['stored_step_s'] / row['recomputed_step_s'])
+  # The smoke DiT's 2x4x16x16 probabilities per block are no longer kept for the backward pass.
+  assert row['recomputed_temp_gib'] < row['stored_temp_gib']
+  assert '| dit (2) |' in recompute_bench.table([row])
+  with pytest.raises(SystemExit):
+    recompute_bench.main(['--families', 'gan'])
+  assert "unknown ['gan']; allowed: ['dit', 'vit'" in capsys.readouterr().err

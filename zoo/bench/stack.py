@@ -9,6 +9,7 @@ medians. Prints a table and writes JSON.
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -25,8 +26,9 @@ from zoo.nn import stack
 FAMILIES = ('dit', 'vit', 'text', 'vlm')  # The bench families whose models have a scanned stack.
 
 
-def _compiled_step(case, unrolled):
-  """(run one step -> seconds, compile seconds) of the case's train step."""
+def compiled_step(case, setting=contextlib.nullcontext):
+  """(run one step -> seconds, compile seconds, XLA temp bytes) of the case's train step,
+  traced within `setting()`."""
   mod = zoo_side.module(case)
   batch = jax.tree.map(jnp.asarray, cases_lib.inputs(case))
   params = zoo_side.init_params(case, mod, batch)
@@ -34,10 +36,7 @@ def _compiled_step(case, unrolled):
   state = [params, tx.init(params)]
   step = jax.jit(zoo_side.train_step_fn(zoo_side.loss_fn(case, mod), tx), donate_argnums=(0, 1))
   start = time.perf_counter()
-  if unrolled:
-    with stack.unrolled():
-      lowered = step.lower(state[0], state[1], batch)
-  else:
+  with setting():
     lowered = step.lower(state[0], state[1], batch)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
@@ -48,20 +47,26 @@ def _compiled_step(case, unrolled):
     jax.block_until_ready(value)
     return time.perf_counter() - start
   run()
-  return run, compile_s
+  return run, compile_s, compiled.memory_analysis().temp_size_in_bytes
+
+
+def alternate(runs, repeats):
+  """{name: median seconds} of the `runs` {name: run()}, called in turn `repeats` times."""
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      times[name].append(run())
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def compare(case, repeats=5):
   """Step and compile seconds of the scanned and the unrolled train step, timed alternately."""
-  (scan, scan_compile), (unrolled, unrolled_compile) = (_compiled_step(case, u)
-                                                        for u in (False, True))
-  times = {'scan': [], 'unrolled': []}
-  for _ in range(repeats):
-    times['scan'].append(scan())
-    times['unrolled'].append(unrolled())
+  (scan, scan_compile, _), (unrolled, unrolled_compile, _) = (
+      compiled_step(case, setting) for setting in (contextlib.nullcontext, stack.unrolled))
   out = {'family': case.family, 'batch': case.batch, 'scan_compile_s': scan_compile,
          'unrolled_compile_s': unrolled_compile}
-  out |= {f'{k}_step_s': statistics.median(v) for k, v in times.items()}
+  out |= {f'{k}_step_s': v for k, v in alternate({'scan': scan, 'unrolled': unrolled},
+                                                  repeats).items()}
   out['speedup'] = out['unrolled_step_s'] / out['scan_step_s']
   return out
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 _SCANNED = contextvars.ContextVar('zoo_scanned', default=False)
 _UNROLLED = contextvars.ContextVar('zoo_unrolled', default=False)
+_STORED = contextvars.ContextVar('zoo_stored_attention', default=False)
 
 
 @contextlib.contextmanager
@@ -58,11 +59,17 @@ def use_scan(parent: nn.Module) -> bool:
   return _SCANNED.get() and not _UNROLLED.get() and not parent.is_initializing()
 
 
+def stored_attention():
+  """Within it, attention stores its probabilities for the backward pass (`python -m
+  zoo.bench.recompute` compares)."""
+  return _setting(_STORED)
+
+
 def recompute_attention() -> bool:
   """Whether attention recomputes its probabilities in the backward pass instead of storing
   them (zoo.nn.layers.attention_heads): in a train step's gradient (`scanned()`), not under
-  `unrolled()`, so FLOP counts stay the model's."""
-  return _SCANNED.get() and not _UNROLLED.get()
+  `unrolled()` (FLOP counts stay the model's) or `stored_attention()`."""
+  return _SCANNED.get() and not _UNROLLED.get() and not _STORED.get()
 
 
 def value_and_grad(fn, **kwargs):

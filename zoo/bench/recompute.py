@@ -1,0 +1,77 @@
+"""Attention probabilities recomputed in the backward pass against stored, one process.
+
+  python -m zoo.bench.recompute [--families dit,vit,...] [--repeats 5] [--out recompute.json]
+
+In a train step's gradient `zoo.nn.layers.attention_heads` (and the token-reducing ViT's
+attention) recompute softmax(q k^T) from q, k, v in the backward pass instead of storing the
+BxAxNxM probabilities (`stack.recompute_attention`). For each family's bench case
+(zoo/bench/cases.py) the zoo train step (loss, gradient, AdamW) is compiled twice, as it runs
+and traced under `stack.stored_attention()`; XLA's temp bytes of each, then the two steps timed
+alternately (`--repeats` each, after one warm-up), medians. Prints a table and writes JSON.
+"""
+
+import argparse
+import contextlib
+import sys
+
+import jax
+
+from zoo import bench
+from zoo.bench import cases as cases_lib
+from zoo.bench import stack as stack_bench
+from zoo.nn import stack
+
+# The bench families with attention (the VAE's is one mid-block layer).
+FAMILIES = ('dit', 'vit', 'text', 'clip', 'siglip', 'vlm', 'unet', 'unet_t2i', 'vae')
+GIB = 2 ** 30
+
+
+def compare(case, repeats=5):
+  """Step seconds and XLA temp GiB of the train step with probabilities stored / recomputed."""
+  (stored, _, stored_temp), (recomputed, _, recomputed_temp) = (
+      stack_bench.compiled_step(case, setting)
+      for setting in (stack.stored_attention, contextlib.nullcontext))
+  times = stack_bench.alternate({'stored': stored, 'recomputed': recomputed}, repeats)
+  return {'family': case.family, 'batch': case.batch,
+          'stored_step_s': times['stored'], 'recomputed_step_s': times['recomputed'],
+          'speedup': times['stored'] / times['recomputed'],
+          'stored_temp_gib': stored_temp / GIB, 'recomputed_temp_gib': recomputed_temp / GIB}
+
+
+def table(rows):
+  lines = ['| family (bench size, batch) | stored step s | recomputed step s | speedup | '
+           'stored temp GiB | recomputed temp GiB |', '|---|---|---|---|---|---|']
+  lines += [f"| {r['family']} ({r['batch']}) | {r['stored_step_s']:.2f} | "
+            f"{r['recomputed_step_s']:.2f} | {r['speedup']:.2f}× | "
+            f"{r['stored_temp_gib']:.2f} | {r['recomputed_temp_gib']:.2f} |" for r in rows]
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m zoo.bench.recompute',
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument('--families', default=','.join(FAMILIES),
+                      help=f'comma-separated, from {",".join(FAMILIES)}')
+  parser.add_argument('--repeats', type=int, default=5, help='timed steps per variant')
+  parser.add_argument('--out', default='recompute.json', help='JSON report')
+  argv = sys.argv[1:] if argv is None else argv
+  args = parser.parse_args(argv)
+  families = [f for f in args.families.split(',') if f]
+  unknown = sorted(set(families) - set(FAMILIES))
+  if unknown:
+    parser.error(f'--families: unknown {unknown}; allowed: {list(FAMILIES)}')
+  if args.repeats < 1:
+    parser.error(f'--repeats {args.repeats}: must be at least 1')
+  cases = cases_lib.bench_cases()
+  rows = []
+  for family in families:
+    rows.append(compare(cases[family], args.repeats))
+    print(table(rows[-1:]).splitlines()[-1], flush=True)
+  print(table(rows))
+  bench.write_report({'command': 'python -m zoo.bench.recompute ' + ' '.join(argv),
+                      'jax': jax.__version__, 'rows': rows}, args.out)
+  return rows
+
+
+if __name__ == '__main__':
+  main()
