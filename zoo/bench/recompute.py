@@ -10,14 +10,8 @@ and traced under `stack.stored_attention()`; XLA's temp bytes of each, then the 
 alternately (`--repeats` each, after one warm-up), medians. Prints a table and writes JSON.
 """
 
-import argparse
 import contextlib
-import sys
 
-import jax
-
-from zoo import bench
-from zoo.bench import cases as cases_lib
 from zoo.bench import stack as stack_bench
 from zoo.nn import stack
 
@@ -48,29 +42,8 @@ def table(rows):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m zoo.bench.recompute',
-                                   description=__doc__.splitlines()[0])
-  parser.add_argument('--families', default=','.join(FAMILIES),
-                      help=f'comma-separated, from {",".join(FAMILIES)}')
-  parser.add_argument('--repeats', type=int, default=5, help='timed steps per variant')
-  parser.add_argument('--out', default='recompute.json', help='JSON report')
-  argv = sys.argv[1:] if argv is None else argv
-  args = parser.parse_args(argv)
-  families = [f for f in args.families.split(',') if f]
-  unknown = sorted(set(families) - set(FAMILIES))
-  if unknown:
-    parser.error(f'--families: unknown {unknown}; allowed: {list(FAMILIES)}')
-  if args.repeats < 1:
-    parser.error(f'--repeats {args.repeats}: must be at least 1')
-  cases = cases_lib.bench_cases()
-  rows = []
-  for family in families:
-    rows.append(compare(cases[family], args.repeats))
-    print(table(rows[-1:]).splitlines()[-1], flush=True)
-  print(table(rows))
-  bench.write_report({'command': 'python -m zoo.bench.recompute ' + ' '.join(argv),
-                      'jax': jax.__version__, 'rows': rows}, args.out)
-  return rows
+  return stack_bench.ab_main(argv, 'python -m zoo.bench.recompute', __doc__, FAMILIES, compare,
+                             table)
 
 
 if __name__ == '__main__':

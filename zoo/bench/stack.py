@@ -80,30 +80,35 @@ def table(rows):
   return '\n'.join(lines)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m zoo.bench.stack',
-                                   description=__doc__.splitlines()[0])
-  parser.add_argument('--families', default=','.join(FAMILIES),
-                      help=f'comma-separated, from {",".join(FAMILIES)}')
+def ab_main(argv, prog, doc, families_allowed, compare_fn, table_fn):
+  """The CLI of a one-process A/B benchmark over bench cases: --families, --repeats, --out;
+  prints each family's row as it lands, then the table; writes JSON."""
+  parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+  parser.add_argument('--families', default=','.join(families_allowed),
+                      help=f'comma-separated, from {",".join(families_allowed)}')
   parser.add_argument('--repeats', type=int, default=5, help='timed steps per variant')
-  parser.add_argument('--out', default='stack.json', help='JSON report')
+  parser.add_argument('--out', default=f'{prog.rsplit(".", 1)[-1]}.json', help='JSON report')
   argv = sys.argv[1:] if argv is None else argv
   args = parser.parse_args(argv)
   families = [f for f in args.families.split(',') if f]
-  unknown = sorted(set(families) - set(FAMILIES))
+  unknown = sorted(set(families) - set(families_allowed))
   if unknown:
-    parser.error(f'--families: unknown {unknown}; allowed: {list(FAMILIES)}')
+    parser.error(f'--families: unknown {unknown}; allowed: {list(families_allowed)}')
   if args.repeats < 1:
     parser.error(f'--repeats {args.repeats}: must be at least 1')
   cases = cases_lib.bench_cases()
   rows = []
   for family in families:
-    rows.append(compare(cases[family], args.repeats))
-    print(table(rows[-1:]).splitlines()[-1], flush=True)
-  print(table(rows))
-  bench.write_report({'command': 'python -m zoo.bench.stack ' + ' '.join(argv),
-                      'jax': jax.__version__, 'rows': rows}, args.out)
+    rows.append(compare_fn(cases[family], args.repeats))
+    print(table_fn(rows[-1:]).splitlines()[-1], flush=True)
+  print(table_fn(rows))
+  bench.write_report({'command': f'{prog} ' + ' '.join(argv), 'jax': jax.__version__,
+                      'rows': rows}, args.out)
   return rows
+
+
+def main(argv=None):
+  return ab_main(argv, 'python -m zoo.bench.stack', __doc__, FAMILIES, compare, table)
 
 
 if __name__ == '__main__':
