@@ -26,9 +26,14 @@ def prune(jaxpr):
 
 def run(closed, args, keep=None):
   """The outputs of `closed` (a ClosedJaxpr) at `args`, only those `keep` marks (the others
-  None, their equations pruned). Outside a trace each op runs as its own cached program."""
+  None, their equations pruned). Outside a trace each op runs as its own cached program.
+  A `jax.ShapeDtypeStruct` argument stands for zeros, made only if what is kept reads it."""
   keep = [True] * len(closed.jaxpr.outvars) if keep is None else keep
   wanted = [v for v, k in zip(closed.jaxpr.outvars, keep) if k]
-  outs = iter(jax.core.eval_jaxpr(prune(closed.jaxpr.replace(outvars=wanted, debug_info=None)),
-                                  closed.consts, *args))
+  jaxpr = prune(closed.jaxpr.replace(outvars=wanted, debug_info=None))
+  read = {v for e in jaxpr.eqns for v in e.invars if isinstance(v, core.Var)}
+  read |= {v for v in jaxpr.outvars if isinstance(v, core.Var)}
+  args = [jax.numpy.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) and v in read
+          else a for v, a in zip(jaxpr.invars, args)]
+  outs = iter(jax.core.eval_jaxpr(jaxpr, closed.consts, *args))
   return [next(outs) if k else None for k in keep]

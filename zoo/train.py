@@ -128,7 +128,8 @@ class Setup:
     keep = [path[0].key not in skip for path, _ in paths]
 
     def draw(r):
-      batch = [jnp.zeros(a.shape, a.dtype) for a in jax.tree.leaves(self.abstract_batch)]
+      # The batch only gave the init its shapes: zeros, made if a kept equation reads them.
+      batch = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.tree.leaves(self.abstract_batch)]
       drawn = eager.run(self.init_jaxpr, [r, *batch], keep)
       return jax.tree.unflatten(tree, [x if k else jnp.zeros(a.shape, a.dtype)
                                        for x, k, (_, a) in zip(drawn, keep, paths)])
