@@ -22,12 +22,20 @@ for smoke; 'res32_noise30' etc. for the caption-noise study), types (QA types to
 window, block, rank, reduce ('none', 'prune', 'merge'), reduce_from, prune_keep, merge_r,
 resampler (latents, 0 = none), cross_every, steps (0 = default), batch (0 = default), lr,
 init (a VLM workdir whose vision tower, language model and head warm-start this one:
-`task.pretrained_from`; mid fusion from scratch keeps its zero-initialised gates shut).
+`task.pretrained_from`; mid fusion from scratch keeps its zero-initialised gates shut),
+vision_from (a CLIP / SigLIP / ViT run, e.g. experiments/clip_shapes.py's: its image tower
+becomes the vision tower, the model's vision fields are read from that run:
+`task.vision_from`), lock_vision (bool, default True: with vision_from the tower stays frozen,
+as Flamingo's).
+
+  zoo train --config experiments/vlm_mid_shapes.py:vision_from=workdirs/clip_shapes \
+    --workdir workdirs/vlm_mid_clip
 """
 
 from zoo import config as zoo_config
 from zoo import models
 from zoo import sharding
+from zoo.tasks import vlm as vlm_task
 
 ConfigDict = zoo_config.ConfigDict
 
@@ -37,7 +45,7 @@ def get_config(arg=None, fusion='mid'):
       arg, smoke=False, fusion=fusion, objective='vqa', builder_config='', types='',
       attention='full', window=1, block=16, rank=16, reduce='none', reduce_from=1,
       prune_keep=0.5, merge_r=0, resampler=0, cross_every=2, steps=0, batch=0, lr=1e-3,
-      init='')
+      init='', vision_from='', lock_vision=True)
   zoo_config.check_choice(arg.objective, ('vqa', 'caption'), 'experiment argument objective')
   config = ConfigDict()
   config.seed = 0
@@ -56,9 +64,12 @@ def get_config(arg=None, fusion='mid'):
       window=arg.window, block=arg.block, rank=arg.rank, reduce=arg.reduce,
       reduce_from=arg.reduce_from, prune_keep=arg.prune_keep, merge_r=arg.merge_r,
       resampler_latents=arg.resampler, cross_every=arg.cross_every)
+  if arg.vision_from:
+    config.model.update(vlm_task.vision_config(arg.vision_from, 'experiment argument vision_from'))
   config.task = ConfigDict(dict(name='vlm', objective=arg.objective,
                                 max_new=6 if arg.objective == 'vqa' else 8, beams=4,
-                                pretrained_from=arg.init))
+                                pretrained_from=arg.init, vision_from=arg.vision_from,
+                                lock_vision=arg.lock_vision and bool(arg.vision_from)))
   steps = arg.steps or (20 if arg.smoke else 6000)
   config.train = ConfigDict(dict(
       steps=steps, batch_size=arg.batch or (16 if arg.smoke else 64), grad_accum=1,

@@ -190,7 +190,10 @@ def test_beam_search_scores_its_sequence():
     ('early', dict(reduce='prune', prune_keep=0.25, vision_depth=3)),
     ('late', dict(attention='block', block=16)),
     ('mid', dict(attention='nystrom', rank=16)),
-    ('early', dict(attention='linformer', rank=8))])
+    ('early', dict(attention='linformer', rank=8)),
+    # A CLIP-style tower's class token (never removed) is one more token.
+    ('early', dict(reduce='prune', prune_keep=0.25, vision_depth=3, vision_class_token=True)),
+    ('mid', dict(reduce='merge', merge_r=4, vision_depth=3, vision_class_token=True))])
 def test_mitigations_keep_static_shapes_under_jit(fusion, reduce):
   model = _model(fusion, **reduce)
   images, tokens = _inputs()

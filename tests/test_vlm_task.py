@@ -9,10 +9,16 @@ import pytest
 from PIL import Image
 
 from zoo import config as zoo_config
+from zoo import models
 from zoo import tasks
 from zoo import train
 from zoo.evals import vqa
 from zoo.pipelines import ask
+
+from conftest import assert_same
+from conftest import leaves
+from conftest import random_params
+from test_contrastive_task import fake_run
 
 
 @pytest.fixture(scope='module')
@@ -97,6 +103,51 @@ def test_pretrained_from_warm_starts_the_shared_parts(vqa_run):
                  jax.device_get(state['ema_params'][key]))
   with pytest.raises(ValueError, match='not a vlm run'):
     tasks.build(zoo_config.load('experiments/vlm_early_shapes.py:smoke=True,init=/nonexistent'))
+
+
+@pytest.mark.parametrize('kind', ['clip', 'siglip'])
+def test_vision_from_a_dual_encoder_run_starts_and_locks_the_tower(tmp_path, kind):
+  """Its image tower becomes the vision tower: the same params, the same tokens, frozen."""
+  source = str(tmp_path / kind)
+  source_config = zoo_config.load(f'experiments/{kind}_shapes.py:smoke=True')
+  images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  source_params = random_params(models.build(source_config.model), images,
+                                np.ones((4, 8), np.int32), np.ones((4, 8), bool), seed=3)
+  fake_run(source, source_config, source_params)
+  config = zoo_config.load(f'experiments/vlm_mid_shapes.py:smoke=True,vision_from={source}',
+                           ['--config.mesh.data=1', '--config.train.steps=2'])
+  assert config.task.lock_vision
+  assert config.model.vision_class_token == (kind == 'clip')  # SigLIP's MAP head is left out.
+  state = train.train_and_evaluate(config, str(tmp_path / 'vlm'))
+  tower = {k: v for k, v in source_params['vision_model'].items() if k != 'head'}
+  assert_same(state['params']['vision'], tower)
+  assert_same(state['ema_params']['vision'], tower)
+  for x, y in zip(leaves(state['params']['layers_0']), leaves(state['ema_params']['layers_0'])):
+    assert not np.array_equal(x, y)  # The rest trains.
+  trained = sum(x.size for k, v in state['params'].items() if k != 'vision' for x in leaves(v))
+  assert 0 <= sum(x.size for x in leaves(state['opt_state'])) - 2 * trained < 8
+  # The tower computes what the dual encoder's does: its post-LN tokens.
+  vit = models.build(models.config('vit', **dict(source_config.model.image)))
+  _, sown = vit.apply({'params': source_params['vision_model']}, images,
+                      mutable=['intermediates'])
+  model = tasks.build(config).model
+  tokens, _ = model.apply({'params': state['params']}, images, method=lambda m, x: m.vision(x))
+  np.testing.assert_allclose(tokens, sown['intermediates']['tokens'][0], rtol=1e-5, atol=1e-5)
+  if kind == 'siglip':
+    return
+  vlm = f'experiments/vlm_mid_shapes.py:smoke=True,vision_from={source}'
+  bad = {
+      r"vision_width \(48 here, 32 there\)": (vlm, ['--config.model.vision_width=48']),
+      'both initialise the vision tower': (f'{vlm},init={tmp_path / "vlm"}', []),
+      "fusion='none' has none": (f'{vlm},fusion=none', []),
+      'lock_vision=True needs': ('experiments/vlm_mid_shapes.py:smoke=True',
+                                 ['--config.task.lock_vision=True']),
+  }
+  for match, (name, overrides) in bad.items():
+    with pytest.raises(ValueError, match=match):
+      zoo_config.load(name, overrides)
+  with pytest.raises(FileNotFoundError, match='experiment argument vision_from'):
+    zoo_config.load(f'experiments/vlm_mid_shapes.py:smoke=True,vision_from={tmp_path}/none')
 
 
 class _NoCheckpoint:

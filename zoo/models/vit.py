@@ -63,6 +63,15 @@ def preset(name: str) -> dict[str, Any]:
   return dict(PRESETS[name])
 
 
+def normalize_images(x_BxHxWxC, image_norm):
+  """Images in [-1, 1], float32, as the tower of `image_norm` ('none' or 'clip') reads them."""
+  x_BxHxWxC = jnp.asarray(x_BxHxWxC, jnp.float32)
+  if image_norm == 'none':
+    return x_BxHxWxC
+  mean_C, std_C = jnp.array(CLIP_MEAN), jnp.array(CLIP_STD)
+  return ((x_BxHxWxC + 1) / 2 - mean_C.reshape(1, 1, 1, -1)) / std_C.reshape(1, 1, 1, -1)
+
+
 class Embeddings(nn.Module):
   """Patchify conv, optional class token, learned positions (std 1/sqrt(D), as both towers).
 
@@ -173,13 +182,6 @@ class ViT(nn.Module):
       raise ValueError(f'ViT: images must be Bx{want[0]}x{want[1]}x{want[2]} (model.image_size, '
                        f'model.in_channels), got shape {tuple(x_BxHxWxC.shape)}')
 
-  def _normalize(self, x_BxHxWxC):
-    x_BxHxWxC = jnp.asarray(x_BxHxWxC, jnp.float32)
-    if self.image_norm == 'none':
-      return x_BxHxWxC
-    mean_C, std_C = jnp.array(CLIP_MEAN), jnp.array(CLIP_STD)
-    return ((x_BxHxWxC + 1) / 2 - mean_C.reshape(1, 1, 1, -1)) / std_C.reshape(1, 1, 1, -1)
-
   def _pool(self, x_BxNxD, dtype):
     if self.pool == 'cls':
       return x_BxNxD[:, 0]
@@ -195,7 +197,7 @@ class ViT(nn.Module):
     dtype = layers.to_dtype(self.dtype)
     x_BxNxD = Embeddings(self.patch_size, self.width, self.patch_bias, self.pool == 'cls', dtype,
                          tuple(self.stem_channels), name='embeddings')(
-                             self._normalize(x_BxHxWxC))
+                             normalize_images(x_BxHxWxC, self.image_norm))
     if self.pre_norm:
       x_BxNxD = text.layer_norm(self.norm_eps, 'pre_layrnorm')(x_BxNxD)
     x_BxNxD = nn.with_logical_constraint(x_BxNxD, ACT_AXES)

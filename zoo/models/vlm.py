@@ -17,7 +17,9 @@ the early / late baselines as the seed names them):
   'none'  the text-only language model (what 'mid' equals with its gates at 0).
 
 The vision tower keeps the ViT's parameter layout (`vision/{embeddings, pre_layrnorm, encoder/
-layers_i, post_layernorm}`, zoo/models/vit.py) so a dual encoder's image tower initialises it;
+layers_i, post_layernorm}`, zoo/models/vit.py) so a dual encoder's image tower initialises it
+(`task.vision_from`); the `vision_*` fields (activation, patch bias, class token, pre-LN, image
+normalisation, eps) describe a CLIP or SigLIP tower as well as the default one (`vision_fields`);
 its attention and token reduction (pruning, ToMe merging, sparse and low-rank attention) come
 from zoo/nn/mitigations.py. Language layers (zoo/nn/vlm_layers.py) are pre-LN with rotary (or
 learned) positions.
@@ -64,13 +66,23 @@ def preset(name: str) -> dict[str, Any]:
 
 
 class VisionTower(nn.Module):
-  """The ViT's embeddings and encoder (zoo/models/vit.py names), with token reduction."""
+  """The ViT's embeddings and encoder (zoo/models/vit.py names), with token reduction.
+
+  With `class_token` the class token leads the tokens and is never pruned or merged away.
+  """
   image_size: int
   patch_size: int
   width: int
   depth: int
   num_heads: int
+  mlp_dim: int
   stem_channels: tuple[int, ...]
+  act: str
+  patch_bias: bool
+  class_token: bool
+  pre_norm: bool
+  image_norm: str
+  norm_eps: float
   attention: str
   window: int
   block: int
@@ -79,22 +91,23 @@ class VisionTower(nn.Module):
   reduce_from: int
   prune_keep: float
   merge_r: int
-  norm_eps: float
   dtype: Any
   remat: bool
 
   @nn.compact
   def __call__(self, images_BxHxWxC):
     """(tokens BxNxV after post_layernorm, sizes BxN: patches each token stands for)."""
-    x_BxNxV = vit.Embeddings(self.patch_size, self.width, True, False, self.dtype,
-                             tuple(self.stem_channels), name='embeddings')(images_BxHxWxC)
-    x_BxNxV = text.layer_norm(self.norm_eps, 'pre_layrnorm')(x_BxNxV)
+    x_BxNxV = vit.Embeddings(self.patch_size, self.width, self.patch_bias, self.class_token,
+                             self.dtype, tuple(self.stem_channels), name='embeddings')(
+                                 vit.normalize_images(images_BxHxWxC, self.image_norm))
+    if self.pre_norm:
+      x_BxNxV = text.layer_norm(self.norm_eps, 'pre_layrnorm')(x_BxNxV)
     x_BxNxV, size_BxN = mitigations.ReducingEncoder(
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=4 * self.width, act='gelu',
+        depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act,
         norm_eps=self.norm_eps, dtype=self.dtype, remat=self.remat, attention=self.attention,
         window=self.window, block=self.block, rank=self.rank, reduce=self.reduce,
         reduce_from=self.reduce_from, prune_keep=self.prune_keep, merge_r=self.merge_r,
-        name='encoder')(x_BxNxV)
+        protect=int(self.class_token), name='encoder')(x_BxNxV)
     return text.layer_norm(self.norm_eps, 'post_layernorm')(x_BxNxV), size_BxN
 
 
@@ -112,6 +125,13 @@ class VLM(nn.Module):
   vision_depth: int = 2
   vision_heads: int = 4
   vision_stem: tuple[int, ...] = ()
+  vision_mlp_dim: int = 0
+  vision_act: str = 'gelu'
+  vision_patch_bias: bool = True
+  vision_class_token: bool = False
+  vision_pre_norm: bool = True
+  vision_image_norm: str = 'none'
+  vision_norm_eps: float = 1e-5
   attention: str = 'full'
   window: int = 1
   block: int = 16
@@ -139,9 +159,9 @@ class VLM(nn.Module):
     """Visual tokens after the vision tower's reduction (and the resampler, for 'mid')."""
     if self.fusion == 'mid' and self.resampler_latents:
       return self.resampler_latents
-    grid = self.image_size // self.patch_size
-    return mitigations.output_tokens(grid * grid, self.vision_depth, self.reduce,
-                                     self.reduce_from, self.prune_keep, self.merge_r)
+    return mitigations.output_tokens(_patch_tokens(_fields(self)), self.vision_depth,
+                                     self.reduce, self.reduce_from, self.prune_keep,
+                                     self.merge_r, int(self.vision_class_token))
 
   @property
   def cache_slots(self) -> int:
@@ -159,10 +179,15 @@ class VLM(nn.Module):
     mlp_dim = self.mlp_dim or 4 * self.width
     if self.fusion != 'none':
       self.vision = VisionTower(
-          self.image_size, self.patch_size, self.vision_width, self.vision_depth,
-          self.vision_heads, tuple(self.vision_stem), self.attention, self.window, self.block,
-          self.rank, self.reduce, self.reduce_from, self.prune_keep, self.merge_r,
-          self.norm_eps, dtype, self.remat)
+          image_size=self.image_size, patch_size=self.patch_size, width=self.vision_width,
+          depth=self.vision_depth, num_heads=self.vision_heads,
+          mlp_dim=self.vision_mlp_dim or 4 * self.vision_width,
+          stem_channels=tuple(self.vision_stem), act=self.vision_act,
+          patch_bias=self.vision_patch_bias, class_token=self.vision_class_token,
+          pre_norm=self.vision_pre_norm, image_norm=self.vision_image_norm,
+          norm_eps=self.vision_norm_eps, attention=self.attention, window=self.window,
+          block=self.block, rank=self.rank, reduce=self.reduce, reduce_from=self.reduce_from,
+          prune_keep=self.prune_keep, merge_r=self.merge_r, dtype=dtype, remat=self.remat)
       self.vision_proj = text._dense(self.width, (None, 'embed'), self.vision_width ** -0.5,
                                      dtype, 'vision_proj')
     if self.fusion == 'mid' and self.resampler_latents:
@@ -294,7 +319,8 @@ def check_config(model_kwargs: dict[str, Any], resolution: int | None, *,
     raise ValueError(f'unknown vlm config keys {unknown} in {where}; allowed: {list(FIELDS)}')
   kw = {f: getattr(VLM, f) for f in FIELDS} | dict(model_kwargs)
   for key, allowed in (('fusion', FUSIONS), ('positions', POSITIONS),
-                       ('dtype', tuple(layers.DTYPES))):
+                       ('dtype', tuple(layers.DTYPES)), ('vision_act', text.ACTS),
+                       ('vision_image_norm', vit.IMAGE_NORMS)):
     if kw[key] not in allowed:
       raise ValueError(f'{where}.{key}={kw[key]!r}; allowed: {list(allowed)}')
   for key in ('image_size', 'patch_size', 'in_channels', 'vision_width', 'vision_depth',
@@ -316,9 +342,40 @@ def check_config(model_kwargs: dict[str, Any], resolution: int | None, *,
   if kw['vision_width'] % kw['vision_heads']:
     raise ValueError(f"{where}.vision_width={kw['vision_width']} must be divisible by "
                      f"{where}.vision_heads={kw['vision_heads']}")
-  if kw['resampler_latents'] < 0 or kw['mlp_dim'] < 0:
-    raise ValueError(f'{where}.resampler_latents and {where}.mlp_dim must be >= 0')
-  grid = kw['image_size'] // kw['patch_size']
+  for key in ('resampler_latents', 'mlp_dim', 'vision_mlp_dim'):
+    if kw[key] < 0:
+      raise ValueError(f'{where}.{key}={kw[key]} must be >= 0')
+  if kw['vision_norm_eps'] <= 0:
+    raise ValueError(f"{where}.vision_norm_eps={kw['vision_norm_eps']} must be > 0")
+  if kw['vision_image_norm'] == 'clip' and kw['in_channels'] != 3:
+    raise ValueError(f"{where}.vision_image_norm='clip' needs RGB images: {where}.in_channels="
+                     f"{kw['in_channels']} must be 3")
   mitigations.config_check(kw['attention'], kw['reduce'], kw['window'], kw['block'], kw['rank'],
-                           kw['prune_keep'], kw['merge_r'], grid * grid, where=where,
-                           depth=kw['vision_depth'], reduce_from=kw['reduce_from'])
+                           kw['prune_keep'], kw['merge_r'], _patch_tokens(kw), where=where,
+                           depth=kw['vision_depth'], reduce_from=kw['reduce_from'],
+                           protect=int(kw['vision_class_token']))
+
+
+def _patch_tokens(kw) -> int:
+  """Tokens entering the vision encoder: the patch grid, and the class token."""
+  return (kw['image_size'] // kw['patch_size']) ** 2 + int(kw['vision_class_token'])
+
+
+# A ViT's fields (zoo/models/vit.py) -> the VLM fields of the same vision tower.
+VISION_FROM_VIT = {
+    'image_size': 'image_size', 'patch_size': 'patch_size', 'in_channels': 'in_channels',
+    'width': 'vision_width', 'depth': 'vision_depth', 'num_heads': 'vision_heads',
+    'stem_channels': 'vision_stem', 'act': 'vision_act', 'patch_bias': 'vision_patch_bias',
+    'pre_norm': 'vision_pre_norm', 'image_norm': 'vision_image_norm',
+    'norm_eps': 'vision_norm_eps'}
+
+
+def vision_fields(vit_kwargs: dict[str, Any]) -> dict[str, Any]:
+  """The VLM fields whose vision tower has the params and function of a ViT's (all its fields,
+  as `models.fields('vit') | kwargs`): the tokens are the ViT's post-LN tokens; its pooling
+  head or classifier has no place here. For `task.vision_from` (zoo/tasks/vlm.py)."""
+  out = {ours: vit_kwargs[theirs] for theirs, ours in VISION_FROM_VIT.items()}
+  out['vision_stem'] = tuple(out['vision_stem'])
+  out['vision_mlp_dim'] = vit_kwargs['mlp_dim'] or 4 * vit_kwargs['width']
+  out['vision_class_token'] = vit_kwargs['pool'] == 'cls'
+  return out

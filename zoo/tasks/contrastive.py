@@ -246,16 +246,21 @@ def _check_loss(config):
                      'logit of a row at once)')
 
 
-def _source_tower(workdir):
-  """(model name, ViT fields) of the image tower a run trained, from its config.json."""
-  model = zoo_config.run_config(workdir, 'config.task.image_from', 'train the image tower '
-                                'first (see experiments/lit_shapes.py)').model
+# Where a run's image tower sits in its params, by the run's model.
+TOWER_SUBTREES = {'dual_encoder': 'vision_model', 'vit': ''}
+
+
+def source_tower(workdir, key='config.task.image_from'):
+  """(model name, ViT fields) of the image tower the run `workdir` trained (its config.json);
+  `key` names the setting that points there, for the errors."""
+  model = zoo_config.run_config(workdir, key, 'train the image tower first (see '
+                                'experiments/clip_shapes.py)').model
   if model.name == 'dual_encoder':
     return model.name, models.fields('vit') | dict(model.image)
   if model.name == 'vit':
     return model.name, models.fields('vit') | models.kwargs(model)
-  raise ValueError(f'config.task.image_from={workdir!r} trained a {model.name!r}; the image '
-                   "tower comes from a 'dual_encoder' or a 'vit' run")
+  raise ValueError(f'{key}={workdir!r} trained a {model.name!r}; the image tower comes from a '
+                   f'{" or a ".join(map(repr, TOWER_SUBTREES))} run')
 
 
 def _check_image_from(config, *, must_exist=False):
@@ -274,8 +279,8 @@ def _check_image_from(config, *, must_exist=False):
     return
   if not must_exist and not os.path.isfile(os.path.join(task.image_from, 'config.json')):
     return
-  name, source = _source_tower(task.image_from)
-  subtree = {'dual_encoder': 'vision_model', 'vit': ''}[name]
+  name, source = source_tower(task.image_from)
+  subtree = TOWER_SUBTREES[name]
   if task.image_subtree != subtree:
     raise ValueError(f'config.task.image_subtree={task.image_subtree!r}: the image tower of the '
                      f'{name!r} run {task.image_from!r} is at {subtree!r}')

@@ -19,6 +19,12 @@ weights; the rest (a mid-fusion model's gated cross-attention and resampler) sta
 That is Flamingo's setting, pretrained vision and language with new gated blocks: a mid-fusion
 model trained from scratch keeps its zero gates shut (a random vision tower gives them nothing
 to open for), while one warm-started from an early- or late-fusion run opens them.
+
+`task.vision_from` (a dual encoder's or a ViT classifier's run) initialises the vision tower
+alone from that run's image tower (EMA), as Flamingo and LLaVA start from a contrastively
+trained encoder; `config.model`'s vision fields must describe the same tower (`vision_config`
+gives them). `task.lock_vision` freezes the tower (no updates, no optimizer state, no gradient
+computed), whichever run it came from.
 """
 
 import jax
@@ -31,9 +37,48 @@ from zoo import checkpoint
 from zoo import config as zoo_config
 from zoo import models
 from zoo.models import decoding
+from zoo.models import vlm
+from zoo.tasks import contrastive
 
 OBJECTIVES = ('vqa', 'caption')
-SCHEMA = {'name': str, 'objective': str, 'max_new': int, 'beams': int, 'pretrained_from': str}
+SCHEMA = {'name': str, 'objective': str, 'max_new': int, 'beams': int, 'pretrained_from': str,
+          'vision_from': str, 'lock_vision': bool}
+# Top-level entries of an image tower's params that the VLM's tower has no place for.
+TOWER_HEADS = ('head', 'classifier')
+
+
+def vision_config(workdir, key='config.task.vision_from'):
+  """The `config.model` vision fields of the image tower the run `workdir` trained."""
+  return vlm.vision_fields(contrastive.source_tower(workdir, key)[1])
+
+
+def _check_vision_from(config, *, must_exist=False):
+  """`vision_from` / `lock_vision` against the rest, and the model against that run's tower once
+  the run exists (a config may name its source before it is trained)."""
+  task = config.task
+  if task.lock_vision and not (task.vision_from or task.pretrained_from):
+    raise ValueError('config.task.lock_vision=True needs config.task.vision_from or '
+                     'pretrained_from: a tower to lock')
+  if not task.vision_from:
+    return
+  if task.pretrained_from:
+    raise ValueError(f'config.task.vision_from={task.vision_from!r} and pretrained_from='
+                     f'{task.pretrained_from!r} both initialise the vision tower; set one')
+  if config.model.get('fusion', vlm.VLM.fusion) == 'none':
+    raise ValueError("config.task.vision_from needs a vision tower: config.model.fusion='none' "
+                     'has none')
+  if not must_exist and zoo_config.existing_run_config(task.vision_from) is None:
+    return
+  want = vision_config(task.vision_from)
+  ours = models.fields('vlm') | models.kwargs(config.model)
+  ours['vision_mlp_dim'] = ours['vision_mlp_dim'] or 4 * ours['vision_width']
+  ours['vision_stem'] = tuple(ours['vision_stem'])
+  differ = sorted(k for k in want if ours[k] != want[k])
+  if differ:
+    raise ValueError(f'config.model differs from the image tower of config.task.vision_from='
+                     f'{task.vision_from!r} in ' + ', '.join(
+                         f'{k} ({ours[k]!r} here, {want[k]!r} there)' for k in differ)
+                     + ' (zoo.tasks.vlm.vision_config gives the fields)')
 
 
 class VLMTask:
@@ -48,6 +93,7 @@ class VLMTask:
     zoo_config.check_choice(task.objective, OBJECTIVES, 'config.task.objective')
     zoo_config.check_choice(config.model.get('name', None), ('vlm',), 'config.model.name')
     models.check_config(config.model, config.data.resolution)
+    _check_vision_from(config)
     if task.max_new < 1 or task.beams < 1:
       raise ValueError(f'config.task.max_new={task.max_new} and config.task.beams={task.beams} '
                        'must be >= 1')
@@ -80,6 +126,15 @@ class VLMTask:
                          'vlm run (no config.json of task vlm there)')
       shared = _parts(self.model) & _parts(models.build(source.model))
       self.pretrained = {k: checkpoint.Source(self.cfg.pretrained_from, k) for k in sorted(shared)}
+    if self.cfg.vision_from:
+      _check_vision_from(config, must_exist=True)
+      name, _ = contrastive.source_tower(self.cfg.vision_from, 'config.task.vision_from')
+      self.pretrained['vision'] = checkpoint.Source(
+          self.cfg.vision_from, contrastive.TOWER_SUBTREES[name], ignore=TOWER_HEADS)
+    if self.cfg.lock_vision and 'vision' not in self.pretrained:
+      raise ValueError(f'config.task.lock_vision=True but config.task.pretrained_from='
+                       f'{self.cfg.pretrained_from!r} has no vision tower to start it from')
+    self.frozen = ('vision',) if self.cfg.lock_vision else ()
 
   def _sequences(self, batch):
     """(tokens BxL, mask BxL, prompt length B) of a batch, whichever the objective."""
@@ -104,6 +159,8 @@ class VLMTask:
   def loss(self, params, batch, rng, train=True):
     """Mean cross-entropy over answer (caption) tokens and EOS; accuracy and exact match."""
     del rng
+    if self.frozen:
+      params = {**params, 'vision': jax.lax.stop_gradient(params['vision'])}
     tokens, mask, prompt_len = self._sequences(batch)
     logits = self.model.apply({'params': params}, batch['image'], tokens[:, :-1], mask[:, :-1],
                               prompt_len, train=train)
