@@ -24,7 +24,7 @@ resampler (latents, 0 = none), cross_every, steps (0 = default), batch (0 = defa
 init (a VLM workdir whose vision tower, language model and head warm-start this one:
 `task.pretrained_from`; mid fusion from scratch keeps its zero-initialised gates shut),
 vision_from (a CLIP / SigLIP / ViT run, e.g. experiments/clip_shapes.py's: its image tower
-becomes the vision tower, the model's vision fields are read from that run:
+becomes the vision tower, the model's vision fields are read from that run once it exists:
 `task.vision_from`), lock_vision (bool, default True: with vision_from the tower stays frozen,
 as Flamingo's).
 
@@ -64,7 +64,9 @@ def get_config(arg=None, fusion='mid'):
       window=arg.window, block=arg.block, rank=arg.rank, reduce=arg.reduce,
       reduce_from=arg.reduce_from, prune_keep=arg.prune_keep, merge_r=arg.merge_r,
       resampler_latents=arg.resampler, cross_every=arg.cross_every)
-  if arg.vision_from:
+  # Until the source run exists the config loads with the preset's tower; building the task
+  # then names the missing run.
+  if arg.vision_from and zoo_config.existing_run_config(arg.vision_from) is not None:
     config.model.update(vlm_task.vision_config(arg.vision_from, 'experiment argument vision_from'))
   config.task = ConfigDict(dict(name='vlm', objective=arg.objective,
                                 max_new=6 if arg.objective == 'vqa' else 8, beams=4,
