@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import typing
 
 import jax
@@ -40,16 +41,17 @@ class Source(typing.NamedTuple):
 
 
 class _OrphanedWrites(logging.Filter):
-  """Drops asyncio's 'Task exception was never retrieved' records about writes into our
-  checkpoint directories: Orbax's per-array write tasks outlive a failed save (a full disk) and
-  log their copies of the error when collected, after `Checkpointer` has reported it once."""
+  """Drops asyncio's '(Task|Future|...) exception was never retrieved' records about our checkpoint
+  directories: Orbax's per-array write tasks outlive a failed save (a full disk), and its read
+  futures a corrupt checkpoint, and log their copies of the error when collected, after
+  `Checkpointer` has reported it once (or fallen back with a warning)."""
 
   def __init__(self):
     super().__init__()
     self.directories = set()
 
   def filter(self, record):
-    if not str(record.msg).startswith('Task exception was never retrieved'):
+    if not re.match(r'\w+ exception was never retrieved', str(record.msg)):
       return True
     text = f'{record.msg} {record.exc_info[1] if record.exc_info else ""}'
     return not any(d in text for d in self.directories)
