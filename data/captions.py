@@ -8,9 +8,17 @@ batch index, example index), so the choice is a fixed function of the stream pos
 (resume stays exact, and any process count draws the same captions) and a second epoch
 shows other paraphrases. Tokens follow `data.text_tokenizers`: [BOS] words [EOS] then padding
 ('siglip': no BOS).
+
+Colour-blind views (optional `colour_blind` p and `colour_words`): each time an example
+appears, with probability p (drawn from the same seed) its image is shown in grey, the
+largest of its channels at each pixel (HSV's value, so a saturated object stays bright against
+a grey ground where luminance could match it), and its caption loses the colour words. Shape
+then has to be read apart from colour, and no colour/shape pair is shown that the data does not
+hold (a greyed held-out shape has no colour).
 """
 
 import os
+import re
 
 import numpy as np
 
@@ -42,6 +50,12 @@ def check_config(text_cfg) -> None:
                             'file or directory')
   if text_cfg.max_len < 2:
     raise ValueError(f'data.text.max_len={text_cfg.max_len} must be >= 2 (BOS and EOS)')
+  p, words = text_cfg.get('colour_blind', 0.0), text_cfg.get('colour_words', ())
+  if not 0.0 <= p < 1.0:
+    raise ValueError(f'data.text.colour_blind={p} must be in [0, 1)')
+  if p and not (words and all(isinstance(w, str) and w.strip() for w in words)):
+    raise ValueError(f'data.text.colour_blind={p} needs data.text.colour_words, the words to drop '
+                     f"from a greyed example's caption, e.g. ('red', 'green'); got {words!r}")
 
 
 def build_tokenizer(text_cfg) -> text_tokenizers.Tokenizer:
@@ -59,6 +73,9 @@ class Captions:
   def __init__(self, text_cfg, seed: int):
     self.key, self.max_len, self.seed = text_cfg.caption_key, text_cfg.max_len, seed
     self.tokenizer = build_tokenizer(text_cfg)
+    self.colour_blind = float(text_cfg.get('colour_blind', 0.0))
+    words = '|'.join(re.escape(w.strip()) for w in text_cfg.get('colour_words', ()))
+    self._colour_words = re.compile(rf'\b(?:{words})\b\s*', re.IGNORECASE) if words else None
 
   def spec(self, local: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Name -> (shape, dtype) of the arrays `tokens` adds to a per-process batch."""
@@ -74,8 +91,35 @@ class Captions:
     rng = np.random.default_rng([self.seed, int(k), int(index)])
     return _as_str(options[int(rng.integers(len(options)))])
 
-  def tokens(self, examples: list[dict], indices_L: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """{'tokens': LxT int32, 'tokens_mask': LxT bool} for decoded examples at `indices_L`."""
-    texts = [self.pick(ex, i, k) for ex, i in zip(examples, indices_L)]
+  def greyed(self, index: int, k: int) -> bool:
+    """Whether dataset example `index` is shown colour-blind in global batch k."""
+    if not self.colour_blind:
+      return False
+    return bool(np.random.default_rng([self.seed, int(k), int(index), 1]).random()
+                < self.colour_blind)
+
+  def without_colours(self, caption: str) -> str:
+    """`caption` without its colour words ('A large red star.' -> 'A large star.')."""
+    text = self._colour_words.sub('', caption)
+    text = re.sub(r'\b([Aa])n (?=[^\W\daeiouAEIOU])', r'\1 ', text)  # 'an orange star'
+    text = re.sub(r'\b([Aa]) (?=[aeiouAEIOU])', r'\1n ', text)  # 'a red oval'
+    return text[:1].upper() + text[1:] if caption[:1].isupper() else text
+
+  def tokens(self, examples: list[dict], indices_L: np.ndarray, k: int,
+             batch: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """{'tokens': LxT int32, 'tokens_mask': LxT bool} for decoded examples at `indices_L`, and
+    {'image'} of `batch` with its colour-blind rows greyed when there are any."""
+    grey_L = np.array([self.greyed(i, k) for i in indices_L], bool)
+    if grey_L.any() and batch is None:
+      raise ValueError('colour-blind views need the batch whose images they grey')
+    texts = [self.without_colours(self.pick(ex, i, k)) if g else self.pick(ex, i, k)
+             for ex, i, g in zip(examples, indices_L, grey_L)]
     ids_LxT, mask_LxT = self.tokenizer.encode(texts, self.max_len)
-    return {'tokens': ids_LxT, 'tokens_mask': mask_LxT}
+    out = {'tokens': ids_LxT, 'tokens_mask': mask_LxT}
+    if grey_L.any():
+      image_LxRxRxC = batch['image'].copy()
+      value_LxRxRx1 = image_LxRxRxC[grey_L].max(-1, keepdims=True)
+      image_LxRxRxC[grey_L] = np.broadcast_to(value_LxRxRx1, value_LxRxRx1.shape[:-1] +
+                                              image_LxRxRxC.shape[-1:])
+      out['image'] = image_LxRxRxC
+    return out

@@ -283,7 +283,7 @@ def _read_batch(k: int, indices_L: np.ndarray, *, source: 'records.Source | reco
       raise ValueError(f'{source.describe(index)}: {e}') from e
   batch = {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
   for text in texts:
-    batch |= text.tokens(raw, indices_L, k)
+    batch |= text.tokens(raw, indices_L, k, batch)
   return batch
 
 

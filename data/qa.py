@@ -167,7 +167,8 @@ class QuestionAnswers:
     rng = np.random.default_rng([self.seed, int(k), int(index), _SALT])
     return options[int(rng.integers(len(options)))]
 
-  def tokens(self, examples: list[dict], indices_L: np.ndarray, k: int) -> dict[str, np.ndarray]:
+  def tokens(self, examples: list[dict], indices_L: np.ndarray, k: int,
+             batch: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """{'qa_tokens', 'qa_mask', 'qa_prompt_len', 'qa_type'} for decoded examples at `indices_L`.
 
     ValueError (naming data.qa.max_len and the length needed) for a pair that does not fit.

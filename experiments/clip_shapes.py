@@ -20,10 +20,13 @@ first caption, the full scene description).
 Arguments: smoke (bool, a seconds-long run on `tiny32`), steps (int, 0 = default), batch (int,
 0 = default), builder_config ('' = res32; e.g. a caption-noise variant), single (float in
 [0, 1), default 0.8: that fraction of every batch comes from the one-object `single32` train
-scenes, through `data.mixture`; they never show a held-out pair, so held_out stays unseen).
+scenes, through `data.mixture`; they never show a held-out pair, so held_out stays unseen),
+colour_blind (float in [0, 1), default 0: that share of examples is shown in grey with the
+colour words dropped from its caption, `data.text.colour_blind` in data/captions.py).
 siglip_shapes.py and lit_shapes.py reuse `make` with the sigmoid loss / a locked image tower.
 """
 
+from data.shapes import grammar
 from zoo import config as zoo_config
 from zoo import models
 from zoo import sharding
@@ -78,7 +81,7 @@ def evals(smoke):
 
 
 # The experiment arguments (`file.py:key=value,...`) of this file and of its siblings.
-ARGS = dict(smoke=False, steps=0, batch=0, builder_config='', single=SINGLE)
+ARGS = dict(smoke=False, steps=0, batch=0, builder_config='', single=SINGLE, colour_blind=0.0)
 
 
 def data_config(arg):
@@ -93,7 +96,8 @@ def data_config(arg):
       builder_config='' if mixture else scenes, mixture=mixture, train_split='train',
       eval_split='validation', features=()))
   data.text = ConfigDict(dict(caption_key='captions', tokenizer=TOKENIZER['tokenizer'],
-                              tokenizer_path='', max_len=MAX_LEN))
+                              tokenizer_path='', max_len=MAX_LEN, colour_blind=arg.colour_blind,
+                              colour_words=grammar.COLOUR_NAMES))
   return data
 
 

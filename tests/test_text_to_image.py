@@ -12,6 +12,7 @@ import data as data_lib
 from data import captions
 from data import pipeline
 from data.shapes import generate
+from data.shapes import grammar
 from zoo import config as zoo_config
 from zoo import main as zoo_main
 from zoo import models
@@ -67,6 +68,37 @@ def test_each_token_row_is_one_of_its_examples_captions():
       assert text in [c.lower() for c in ex['captions']]
       chosen.add((ex['captions'][0], text))
   assert len(chosen) > 6
+
+
+def test_colour_blind_views_grey_the_image_and_drop_the_colour_words():
+  colours = grammar.COLOUR_NAMES
+  cfg = text_data(max_len=64, colour_blind=0.5, colour_words=colours)
+  clip = zoo_config.load(os.path.join(REPO, 'experiments', 'clip_shapes.py:colour_blind=0.3'))
+  assert clip.data.text.colour_blind == 0.3 and clip.data.text.colour_words == colours
+  seen = data_lib.get_dataset(cfg, split='train', seed=3, global_batch_size=16)
+  plain = data_lib.get_dataset(text_data(max_len=64), split='train', seed=3, global_batch_size=16)
+  tok = captions.Captions(cfg.text, seed=3).tokenizer
+  greyed = 0
+  for _ in range(2):
+    b, p = next(seen), next(plain)
+    for image, plain_image, row, mask, plain_row, plain_mask in zip(
+        b['image'], p['image'], b['tokens'], b['tokens_mask'], p['tokens'], p['tokens_mask']):
+      text, plain_text = tok.decode(row[mask]), tok.decode(plain_row[plain_mask])
+      if np.array_equal(image, plain_image):
+        assert np.array_equal(row, plain_row)
+        continue
+      greyed += 1  # The brightest channel in every channel; the caption without its colours.
+      np.testing.assert_array_equal(image, np.repeat(plain_image.max(-1, keepdims=True), 3, -1))
+      assert not set(text.replace(',', ' ').split()) & set(colours), text
+      assert set(text.split()) < set(plain_text.split()) and len(text) < len(plain_text)
+  assert 4 <= greyed <= 28, greyed
+  for bad, match in (({'colour_blind': 1.0, 'colour_words': colours}, r'colour_blind=1.0 must'),
+                     ({'colour_blind': 0.3, 'colour_words': ()}, 'needs data.text.colour_words')):
+    with pytest.raises(ValueError, match=match):
+      captions.check_config(text_data(**bad).text)
+  picker = captions.Captions(cfg.text, seed=0)
+  assert picker.without_colours('Four shapes: an orange star and a red oval.') == (
+      'Four shapes: a star and an oval.')
 
 
 def pixel_config(*overrides):

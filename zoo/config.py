@@ -47,6 +47,8 @@ _SECTIONS = {
 }
 # Optional `config.data.text`: captions tokenized into `tokens` / `tokens_mask` batch arrays.
 _DATA_TEXT = {'caption_key': str, 'tokenizer': str, 'tokenizer_path': str, 'max_len': int}
+# 'pad_token' ('clip' tokenizers); colour-blind views of image and caption (data/captions.py).
+_DATA_TEXT_OPTIONAL = {'pad_token': str, 'colour_blind': float, 'colour_words': tuple}
 # Optional `config.data.qa`: question/answer pairs as `qa_*` batch arrays (data/qa.py).
 _DATA_QA = {'tokenizer': str, 'tokenizer_path': str, 'max_len': int, 'types': tuple}
 OPTIMIZERS = ('adamw', 'adam', 'sgd')
@@ -186,8 +188,8 @@ def validate(config):
     if name in config:
       check_keys(config[name], name, schema | _optional_sections(config[name], name))
   if 'text' in config.data:
-    pad = {'pad_token': str} if 'pad_token' in config.data.text else {}  # Optional ('clip').
-    check_keys(config.data.text, 'data.text', _DATA_TEXT | pad)
+    optional = {k: t for k, t in _DATA_TEXT_OPTIONAL.items() if k in config.data.text}
+    check_keys(config.data.text, 'data.text', _DATA_TEXT | optional)
   if 'qa' in config.data:
     check_keys(config.data.qa, 'data.qa', _DATA_QA)
   _check_train(config.train)
