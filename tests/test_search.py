@@ -278,3 +278,13 @@ def test_dual_encoder_notebook_explores_the_test_run(clip_run, tmp_path, monkeyp
   """colab/dual_encoder.ipynb in a kernel, on this module's run (it trains none then)."""
   import test_colab
   test_colab.execute('dual_encoder.ipynb', tmp_path, monkeypatch, ZOO_CLIP_WORKDIR=clip_run)
+
+
+def test_printed_results_start_their_captions_in_one_column():
+  results = [dict(rank=r, score=s, id=i, caption=c) for r, s, i, c in (
+      (1, 0.8563, 'test/4', 'A large purple cross.'), (2, -0.1, 'test/159', 'A blue star.'),
+      (10, 0.25, 'test/9', 'A red circle.'))]
+  lines = search.format_results(results).splitlines()
+  assert [line.index('A ') for line in lines] == [lines[1].index('test/159') + 10] * 3
+  assert lines[2].startswith(' 10  +0.2500  test/9 ')
+  assert search.format_results([dict(rank=1, score=0.5, id='a.png')]) == '  1  +0.5000  a.png'

@@ -347,10 +347,11 @@ def _query(run, text, image):
 
 def format_results(results):
   """One line per result: rank, score, id, caption (if any)."""
+  width = max((len(str(r['id'])) for r in results), default=0)  # Captions start in one column.
   lines = []
   for r in results:
-    caption = f'  {r["caption"]}' if r.get('caption') else ''
-    lines.append(f'{r["rank"]:>3}  {r["score"]:+.4f}  {r["id"]}{caption}')
+    row = f'{r["rank"]:>3}  {r["score"]:+.4f}  {r["id"]}'
+    lines.append(f'{row:<{width + 14}}  {r["caption"]}' if r.get('caption') else row)
   return '\n'.join(lines)
 
 
