@@ -36,6 +36,9 @@ def test_cli_lists_presets_and_experiments(capsys, tmp_path):
   experiments = table._experiment_models()
   assert experiments['quickstart.py'][0] == 'unet'
   assert experiments['quickstart.py'][1] == models.kwargs(models.config('unet', 'digits'))
+  # Latent denoisers are measured on the latents (64 px scenes, an f=4 VAE), pixel ones not.
+  assert [experiments[f'{e}.py'][2] for e in ('ldm_t2i_shapes', 'dit_t2i_shapes',
+                                              'control_t2i_shapes', 'dit_shapes')] == [16] * 3 + [32]
   assert zoo_main.main(['models', '--model', 'vae', '--json', str(tmp_path / 'models.json')]) == 0
   out = capsys.readouterr().out
   assert '| vae | sd | 83,653,863 | — |' in out

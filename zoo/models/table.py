@@ -92,15 +92,20 @@ def measure(name, kw, resolution=None, flops=False):
 
 
 def _experiment_models():
-  """{experiment file: (model name, fields, data resolution)} of each experiment's default."""
+  """{experiment file: (model name, fields, input resolution)} of each experiment's default."""
   found = {}
   for path in sorted(glob.glob(os.path.join(EXPERIMENTS, '*.py'))):
     try:
       config = zoo_config.load(path, validate_config=False)
     except (ValueError, FileNotFoundError, KeyError):
       continue  # An experiment that needs another run to exist (its base) to build.
-    found[os.path.basename(path)] = (config.model.name, models.kwargs(config.model),
-                                     config.data.resolution)
+    resolution, kw = config.data.resolution, models.kwargs(config.model)
+    if config.task.name == 'text_to_image':  # A latent denoiser runs at the latents' size.
+      from zoo.tasks import text_to_image  # pylint: disable=import-outside-toplevel
+      resolution = text_to_image.denoiser_resolution(config)
+    if config.model.name == 'controlnet':  # Pixel hints, encoded down to the denoiser's size.
+      resolution //= 2 ** (len(kw['conditioning_embedding_out_channels']) - 1)
+    found[os.path.basename(path)] = (config.model.name, kw, resolution)
   return found
 
 

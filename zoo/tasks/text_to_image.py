@@ -81,8 +81,9 @@ def _check_text(config):
                      f'encoder pooled width {pooled}')
 
 
-def _check_vae(config):
-  """The denoiser's resolution: the image's, or the latent's for a latent model."""
+def denoiser_resolution(config):
+  """The denoiser's resolution: the image's, or the latent's for a latent model (the VAE
+  fields checked)."""
   task, resolution = config.task, config.data.resolution
   if not task.vae:
     if task.vae_from:
@@ -124,7 +125,7 @@ class TextToImageTask:
       raise ValueError('config.model.num_classes must be 0: this task conditions on text')
     _check_text(config)
     diffusion_task.check_learned_sigma(config)
-    models.check_config(config.model, _check_vae(config))
+    models.check_config(config.model, denoiser_resolution(config))
     if task.latent_key:
       if not task.vae:
         raise ValueError('config.task.latent_key needs a latent model: set config.task.vae')
