@@ -85,7 +85,7 @@ def get_config(arg=None, fusion='mid'):
   config.evals = ConfigDict()
   kind = 'vqa' if arg.objective == 'vqa' else 'caption_bleu'
   config.evals[kind] = ConfigDict(dict(
-      type=kind, split='validation', num_examples=16 if arg.smoke else 200,
+      type=kind, split='test', num_examples=16 if arg.smoke else 200,
       batch_size=16 if arg.smoke else 256, use_ema=True, decoding='greedy'))
   config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = ConfigDict(sharding.DEFAULT_RULES)

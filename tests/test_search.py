@@ -288,3 +288,32 @@ def test_printed_results_start_their_captions_in_one_column():
   assert [line.index('A ') for line in lines] == [lines[1].index('test/159') + 10] * 3
   assert lines[2].startswith(' 10  +0.2500  test/9 ')
   assert search.format_results([dict(rank=1, score=0.5, id='a.png')]) == '  1  +0.5000  a.png'
+
+
+def test_composition_study_agrees_with_the_zero_shot_evaluator(clip_run, tmp_path):
+  from data.shapes import grammar
+  from zoo import config as zoo_config
+  from zoo import metrics
+  from zoo.bench import composition
+  last = {}
+  for row in metrics.read_jsonl(os.path.join(clip_run, 'metrics.jsonl')):
+    last |= row
+  out = tmp_path / 'composition.json'
+  result = composition.main(['--workdir', clip_run, '--num', '0', '--out', str(out)])
+  assert json.loads(out.read_text()) == result
+  pairs = result['pairs']
+  assert sorted(p['pair'] for p in pairs) == sorted(
+      f'{c} {s}' for s, c in grammar.HELD_OUT_PAIRS)
+  assert sum(p['images'] for p in pairs) == 64
+  # The same params, prompts and classes as the evaluator that ran at the end of training.
+  assert result['accuracy_unseen'] == pytest.approx(last['zero_shot/accuracy_unseen'], abs=1e-6)
+  assert result['accuracy_unseen'] == pytest.approx(
+      sum(p['accuracy'] * p['images'] for p in pairs) / 64)
+  for p in pairs:
+    assert p['accuracy'] + p['instead_share'] <= 1.0 and (p['instead'] == '') == (
+        p['accuracy'] == 1.0) and p['instead'] != p['pair']
+  assert all(0.0 <= v <= 1.0 for acc in result['probe'].values() for v in acc.values())
+  config = zoo_config.load(os.path.join(clip_run, 'config.json'))
+  del config.evals['zero_shot']
+  with pytest.raises(ValueError, match=r"no zero_shot evaluator over 'shape_colour'.*retrieval"):
+    composition._zero_shot_config(config)  # pylint: disable=protected-access

@@ -2,7 +2,8 @@
 
 Splits: train, validation, test and held_out (compositions in grammar.HELD_OUT_PAIRS,
 never shown by the other three). Configs res32/res64/res128/res256 hold 10,000 / 1,000 /
-1,000 / 1,000 examples, tiny32/tiny64 512 / 64 / 64 / 64 for smoke runs and tests;
+1,000 / 1,000 examples (res32_50k: res32 with 50,000 train scenes), tiny32/tiny64 512 / 64 /
+64 / 64 for smoke runs and tests;
 single32/single64 (and tinysingle32) draw one object on a plain background, for
 class-conditional generation by the 64-way 'shape_colour' label. A custom
 `ShapesConfig(name=..., resolution=..., num_train=...)` changes sizes, seed, caption noise,
@@ -142,6 +143,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       ShapesConfig(name=f'res{r}', description=f'{r}x{r} RGB scenes.', resolution=r)
       for r in RESOLUTIONS
+  ] + [
+      # The first 10,000 train scenes and every other split are res32's (same seed and index).
+      ShapesConfig(name='res32_50k', description='res32 with 50,000 train scenes: more than a '
+                   'VQA run of an hour sees twice.', resolution=32, num_train=50_000),
   ] + [
       ShapesConfig(name=f'tiny{r}', description=f'{r}x{r}, 512/64/64/64 examples: for smoke runs.',
                    resolution=r, num_train=512, num_validation=64, num_test=64, num_held_out=64)
