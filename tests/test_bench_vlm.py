@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from zoo.bench import vlm
 
 
@@ -22,3 +24,20 @@ def test_study_rows_sweep_table_and_plot(tmp_path):
   assert '| mid | merge | 32 |' in text and '0.500' in text
   vlm.plot(report, tmp_path / 'sweep.png')
   assert (tmp_path / 'sweep.png').stat().st_size > 1000
+
+
+def test_study_over_the_vision_tower_of_a_clip_run(tmp_path):
+  from zoo import config as zoo_config
+  source = tmp_path / 'clip'
+  source.mkdir()
+  clip = zoo_config.load('experiments/clip_shapes.py:smoke=True', ['--config.model.image.depth=2'])
+  (source / 'config.json').write_text(zoo_config.to_json(clip))
+  report = vlm.run(None, batch=2, repeats=1, sides=(), fusions=('mid',),
+                   mitigations=('none', 'prune'), log=lambda _: None, vision_from=str(source))
+  rows = {r['mitigation']: r for r in report['rows']}
+  # The smoke CLIP tower: 8x8 patches of 32x32 images, 16 tokens and its class token.
+  assert rows['none']['visual_tokens'] == 17 and rows['prune']['visual_tokens'] < 17
+  assert report['sweep'] == {'none': [], 'prune': []} and '| mid | prune |' in vlm.table(report)
+  assert 'tokens: GFLOPs' not in vlm.table(report)  # No sweep table.
+  with pytest.raises(ValueError, match=r"unknown fusion or mitigation \['pruned'\]"):
+    vlm.run(None, fusions=('mid',), mitigations=('pruned',))

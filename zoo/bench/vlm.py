@@ -1,6 +1,7 @@
 """The VLM study: fusion x attention-cost mitigation; the vision tower's cost against tokens.
 
 Run: `python -m zoo.bench.vlm [--runs DIR] [--batch 64] [--repeats 5] [--sweep 32,64,128,256]
+      [--fusions early,mid,late] [--mitigations none,prune,...] [--vision-from W]
       [--out vlm_study.json] [--plot vlm_sweep.png]`
 
 Table 1, one row per fusion (early / mid / late) and mitigation (MITIGATIONS) of the
@@ -46,9 +47,10 @@ MITIGATIONS = {
 TEXT_LEN = 19
 
 
-def _model_config(fusion, mitigation, image_size=32):
+def _model_config(fusion, mitigation, image_size=32, vision_from=''):
   spec = 'experiments/vlm_shapes.py'
-  arg = ','.join(f'{k}={v}' for k, v in MITIGATIONS[mitigation].items())
+  settings = MITIGATIONS[mitigation] | ({'vision_from': vision_from} if vision_from else {})
+  arg = ','.join(f'{k}={v}' for k, v in settings.items())
   config = zoo_config.experiment_module(spec).get_config(arg, fusion=fusion)
   config.model.image_size = image_size
   return config.model
@@ -64,9 +66,9 @@ def _time(fn, args, repeats):
   return bench.median_seconds(lambda: fn(*args), repeats, warmup=1)
 
 
-def cost_row(fusion, mitigation, batch=64, repeats=5):
+def cost_row(fusion, mitigation, batch=64, repeats=5, vision_from=''):
   """GFLOPs, peak memory and examples/s of the forward; images/s of the vision tower."""
-  module = models.build(_model_config(fusion, mitigation))
+  module = models.build(_model_config(fusion, mitigation, vision_from=vision_from))
   images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, 32, 32, 3)), jnp.float32)
   tokens = jnp.ones((batch, TEXT_LEN), jnp.int32)
   params = jax.jit(module.init)(jax.random.PRNGKey(0), images, tokens)['params']
@@ -79,9 +81,9 @@ def cost_row(fusion, mitigation, batch=64, repeats=5):
   return row
 
 
-def sweep_point(mitigation, image_size, batch=8, repeats=3):
+def sweep_point(mitigation, image_size, batch=8, repeats=3, vision_from=''):
   """GFLOPs, peak memory and images/s of the vision tower alone at one image side."""
-  module = models.build(_model_config('mid', mitigation, image_size))
+  module = models.build(_model_config('mid', mitigation, image_size, vision_from))
   images = jnp.asarray(np.random.default_rng(0).uniform(
       -1, 1, (batch, image_size, image_size, 3)), jnp.float32)
   tokens = jnp.ones((batch, TEXT_LEN), jnp.int32)
@@ -121,6 +123,8 @@ def table(report):
         f"{_fmt(acc.get('accuracy_read_text'), '.3f')} | "
         f"{_fmt(acc.get('hallucination_rate'), '.3f')} |")
   sides = report['sweep_sides']
+  if not sides:
+    return '\n'.join(lines)
   lines += ['', '| mitigation | ' + ' | '.join(f'{(s // 4) ** 2} tokens: GFLOPs, MiB, img/s'
                                               for s in sides) + ' |',
             '|' + '---|' * (len(sides) + 1)]
@@ -164,20 +168,25 @@ def plot(report, path):
 
 
 def run(runs=None, batch=64, repeats=5, sides=(32, 64, 128, 256), fusions=FUSIONS,
-        mitigations=tuple(MITIGATIONS), log=print):
-  """The report: rows of table 1 and the sweep."""
+        mitigations=tuple(MITIGATIONS), log=print, vision_from=''):
+  """The report: rows of table 1 and the sweep. `vision_from`: the models take their vision
+  tower's fields from that dual-encoder / ViT run (as `vlm_shapes.py:vision_from=W` does)."""
+  unknown = sorted(set(fusions) - set(FUSIONS)) + sorted(set(mitigations) - set(MITIGATIONS))
+  if unknown:
+    raise ValueError(f'unknown fusion or mitigation {unknown}; allowed: {list(FUSIONS)} and '
+                     f'{list(MITIGATIONS)}')
   rows = []
   for fusion in fusions:
     for mitigation in mitigations:
       row = {'fusion': fusion, 'mitigation': mitigation, **cost_row(fusion, mitigation, batch,
-                                                                    repeats)}
+                                                                    repeats, vision_from)}
       row['trained'] = trained(runs, fusion, mitigation)
       log(f"{fusion}/{mitigation}: {row['gflops_per_example']:.3f} GFLOPs/example, "
           f"{row['examples_per_sec']:.0f} examples/s")
       rows.append(row)
-  sweep = {m: [sweep_point(m, s) for s in sides] for m in mitigations}
+  sweep = {m: [sweep_point(m, s, vision_from=vision_from) for s in sides] for m in mitigations}
   return {'batch': batch, 'repeats': repeats, 'rows': rows, 'sweep_sides': list(sides),
-          'sweep': sweep, 'devices': str(jax.devices()[0])}
+          'sweep': sweep, 'devices': str(jax.devices()[0]), 'vision_from': vision_from}
 
 
 def main(argv=None):
@@ -187,14 +196,22 @@ def main(argv=None):
   parser.add_argument('--runs', default=None, help='a directory of vlm_<fusion>_<mitigation> runs')
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--sweep', default='32,64,128,256', help='image sides (patch 4)')
+  parser.add_argument('--sweep', default='32,64,128,256',
+                      help="image sides (patch 4); '' for none (no plot)")
+  parser.add_argument('--fusions', default=','.join(FUSIONS))
+  parser.add_argument('--mitigations', default=','.join(MITIGATIONS))
+  parser.add_argument('--vision-from', default='',
+                      help="the vision tower's fields from this CLIP / SigLIP / ViT run")
   parser.add_argument('--out', default='vlm_study.json')
   parser.add_argument('--plot', default='vlm_sweep.png')
   args = parser.parse_args(argv)
-  report = run(args.runs, args.batch, args.repeats, tuple(int(s) for s in args.sweep.split(',')))
+  report = run(args.runs, args.batch, args.repeats,
+               tuple(int(s) for s in args.sweep.split(',') if s), tuple(args.fusions.split(',')),
+               tuple(args.mitigations.split(',')), vision_from=args.vision_from)
   print(table(report))
   bench.write_report(report, args.out)
-  plot(report, args.plot)
+  if report['sweep_sides']:
+    plot(report, args.plot)
 
 
 if __name__ == '__main__':
