@@ -11,11 +11,16 @@ def test_study_rows_sweep_table_and_plot(tmp_path):
   runs = tmp_path / 'runs' / 'vlm_mid_merge'
   runs.mkdir(parents=True)
   (runs / 'metrics.jsonl').write_text(json.dumps({'step': 5, 'vqa/accuracy': 0.5}) + '\n')
+  evaluated = tmp_path / 'runs' / 'vlm_mid_block'  # Re-evaluated by `zoo eval`: that counts.
+  evaluated.mkdir()
+  (evaluated / 'metrics.jsonl').write_text(json.dumps({'step': 5, 'vqa/accuracy': 0.25}) + '\n')
+  (evaluated / 'eval_metrics.jsonl').write_text(json.dumps({'step': 5, 'vqa/accuracy': 0.75}))
   report = vlm.run(str(tmp_path / 'runs'), batch=4, repeats=1, sides=(32, 64),
                    fusions=('mid',), mitigations=('none', 'merge', 'block'), log=lambda _: None)
   rows = {r['mitigation']: r for r in report['rows']}
   assert rows['merge']['visual_tokens'] == 32 and rows['none']['visual_tokens'] == 64
   assert rows['merge']['trained'] == {'accuracy': 0.5} and rows['none']['trained'] == {}
+  assert rows['block']['trained'] == {'accuracy': 0.75}
   assert all(r['gflops_per_example'] > 0 and r['examples_per_sec'] > 0 for r in rows.values())
   none, block = report['sweep']['none'], report['sweep']['block']
   assert none[1]['gflops_per_example'] > none[0]['gflops_per_example']  # More tokens, more work.

@@ -95,12 +95,14 @@ def sweep_point(mitigation, image_size, batch=8, repeats=3, vision_from=''):
 
 
 def trained(runs, fusion, mitigation):
-  """The last VQA evaluation of DIR/vlm_<fusion>_<mitigation>, or {}."""
-  path = os.path.join(runs or '', f'vlm_{fusion}_{mitigation}', 'metrics.jsonl')
-  if not runs or not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if 'vqa/accuracy' in line]
+  """The last VQA evaluation of DIR/vlm_<fusion>_<mitigation>, or {}: a `zoo eval` of it
+  (eval_metrics.jsonl) if there is one, else the last one of its training."""
+  rows = []
+  for name in ('metrics.jsonl', 'eval_metrics.jsonl'):
+    path = os.path.join(runs or '', f'vlm_{fusion}_{mitigation}', name)
+    if runs and os.path.isfile(path):
+      with open(path) as f:
+        rows += [json.loads(line) for line in f if 'vqa/accuracy' in line]
   if not rows:
     return {}
   return {k.split('/', 1)[1]: v for k, v in rows[-1].items() if k.startswith('vqa/')}
