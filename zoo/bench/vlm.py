@@ -38,7 +38,9 @@ FUSIONS = ('early', 'mid', 'late')
 MITIGATIONS = {
     'none': {},
     'prune': dict(reduce='prune', prune_keep=0.25),
+    'prune50': dict(reduce='prune', prune_keep=0.5),
     'merge': dict(reduce='merge', merge_r=32),
+    'merge16': dict(reduce='merge', merge_r=16),
     'window': dict(attention='window', window=1),
     'block': dict(attention='block', block=16),
     'nystrom': dict(attention='nystrom', rank=16),
