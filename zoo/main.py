@@ -21,6 +21,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -160,8 +161,9 @@ def _parser():
   return parser
 
 
-def main(argv=None):
-  """Entry point; returns a process exit code."""
+def main(argv=None, quiet_after_failure=False):
+  """Entry point; returns a process exit code. `quiet_after_failure` (the console script): after
+  reporting a failure (exit code 1), drop what the process still writes to sys.stderr."""
   argv = sys.argv[1:] if argv is None else argv
   if argv[:1] == ['bench']:  # Its own flags (zoo/bench/perf.py).
     from zoo.bench import perf
@@ -271,10 +273,13 @@ def main(argv=None):
     print(f'zoo {args.command}: error: {e}', file=sys.stderr)
     return 2
   except OSError as e:  # A full disk, unreadable checkpoints (checkpoint.CorruptCheckpoint).
-    print(f'zoo {args.command}: failed: {e}', file=sys.stderr)
+    report = sys.stderr
     # Orbax leaves the failed write's sibling futures behind; asyncio would log each one with
     # its traceback ("exception was never retrieved") when they are collected, after this line.
     logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+    if quiet_after_failure:
+      report = _silence_stderr()
+    print(f'zoo {args.command}: failed: {e}', file=report, flush=True)
     return 1
   except FloatingPointError as e:
     print(f'zoo {args.command}: stopped: {e}', file=sys.stderr)
@@ -282,9 +287,25 @@ def main(argv=None):
   return 0
 
 
+def _silence_stderr():
+  """Sends file descriptor 2 to /dev/null from now on; returns a stream to the real stderr.
+
+  After a failed save, Orbax's writer threads and TensorStore's callbacks into their closed
+  event loops keep printing tracebacks ("Event loop is closed", absl's "_SignalingThread.run()
+  raised an exception") until the process ends, some already halfway through a write: only
+  the descriptor, not `sys.stderr`, catches them all.
+  """
+  sys.stderr.flush()
+  report = os.fdopen(os.dup(2), 'w')
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  os.close(devnull)
+  return report
+
+
 def run():
   """Console-script entry point."""
-  sys.exit(main())
+  sys.exit(main(quiet_after_failure=True))
 
 
 if __name__ == '__main__':
