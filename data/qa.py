@@ -172,6 +172,7 @@ class QuestionAnswers:
     """{'qa_tokens', 'qa_mask', 'qa_prompt_len', 'qa_type'} for decoded examples at `indices_L`.
 
     ValueError (naming data.qa.max_len and the length needed) for a pair that does not fit.
+    `batch` (the images so far) is not read: the signature is the one `Captions.tokens` shares.
     """
     n = len(examples)
     ids_LxT = np.full((n, self.max_len), self.tokenizer.pad_id, np.int32)

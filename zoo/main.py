@@ -163,7 +163,7 @@ def _parser():
 
 def main(argv=None, quiet_after_failure=False):
   """Entry point; returns a process exit code. `quiet_after_failure` (the console script): after
-  reporting a failure (exit code 1), drop what the process still writes to sys.stderr."""
+  reporting a failure (exit code 1), drop what the process still writes to its stderr (fd 2)."""
   argv = sys.argv[1:] if argv is None else argv
   if argv[:1] == ['bench']:  # Its own flags (zoo/bench/perf.py).
     from zoo.bench import perf
