@@ -5,7 +5,12 @@ control=seg.
   zoo train --config experiments/control_seg_shapes.py --workdir workdirs/control_seg
   zoo train --config experiments/control_seg_shapes.py:smoke=True --workdir /tmp/control_smoke
 
-Arguments as control_shapes.py (smoke, base, model, steps).
+Over the one-object class-conditional DiT of experiments/dit_shapes.py instead:
+
+  zoo train --config experiments/dit_shapes.py --workdir workdirs/dit_shapes
+  zoo train --config experiments/control_seg_shapes.py:on=dit_shapes --workdir workdirs/seg_dit
+
+Arguments as control_shapes.py (smoke, base, model, on, steps).
 """
 
 from zoo import config as zoo_config

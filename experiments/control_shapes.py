@@ -13,10 +13,19 @@ Smoke (seconds; trains its own tiny base first):
   zoo train --config experiments/shapes_diffusion.py:smoke=True --workdir /tmp/shapes_smoke
   zoo train --config experiments/control_shapes.py:smoke=True --workdir /tmp/control_smoke
 
+Over the one-object DiT of experiments/dit_shapes.py (64 shape x colour labels, `single32`):
+
+  zoo train --config experiments/dit_shapes.py --workdir workdirs/dit_shapes
+  zoo train --config experiments/control_shapes.py:control=seg,on=dit_shapes --workdir W
+
+Held-out hints are sampled with the base's own sampler, steps and guidance.
+
 Arguments: control ('depth', 'seg', 'pose' or 'edges'), smoke (bool: the base is the smoke run
-/tmp/shapes_smoke), base (the base workdir; default workdirs/shapes, smoke /tmp/shapes_smoke),
-model ('unet' or 'dit': a DiT base gets a DiT ControlNet copying its first half), steps (0 =
-default).
+of `on`), base (the base workdir; default workdirs/shapes, smoke /tmp/shapes_smoke; on
+dit_shapes workdirs/dit_shapes, smoke /tmp/dit_shapes_smoke),
+model ('unet' or 'dit': a DiT base gets a DiT ControlNet copying its first half), on (the base's
+experiment: 'shapes_diffusion', the default, or 'dit_shapes', which implies model=dit and its
+data), steps (0 = default).
 """
 
 from data import conditions
@@ -24,12 +33,19 @@ from zoo import config as zoo_config
 from zoo import models
 
 ConfigDict = zoo_config.ConfigDict
+# The base experiments a ControlNet can sit on: their default (full, smoke) workdirs.
+BASE_EXPERIMENTS = {'shapes_diffusion': ('workdirs/shapes', '/tmp/shapes_smoke'),
+                    'dit_shapes': ('workdirs/dit_shapes', '/tmp/dit_shapes_smoke')}
 
 
 def get_config(arg=None, control='depth'):
-  arg = zoo_config.parse_arg(arg, control=control, smoke=False, base='', model='unet', steps=0)
-  base = zoo_config.sibling(__file__, 'shapes_diffusion').get_config(
-      f'smoke={arg.smoke},model={arg.model}')
+  arg = zoo_config.parse_arg(arg, control=control, smoke=False, base='', model='unet',
+                             on='shapes_diffusion', steps=0)
+  zoo_config.check_choice(arg.on, BASE_EXPERIMENTS, 'control_shapes on')
+  if arg.on == 'dit_shapes':
+    arg.model = 'dit'
+  base = zoo_config.sibling(__file__, arg.on).get_config(
+      f'smoke={arg.smoke}' + (f',model={arg.model}' if arg.on == 'shapes_diffusion' else ''))
   hint = conditions.get(arg.control)
   config = base
   config.data.features = (hint.feature,)
@@ -44,15 +60,17 @@ def get_config(arg=None, control='depth'):
                                  conditioning_embedding_out_channels=(16,))
   config.task.name = 'controlnet'
   config.task.control = arg.control
-  config.task.base_from = arg.base or ('/tmp/shapes_smoke' if arg.smoke else 'workdirs/shapes')
+  config.task.base_from = arg.base or BASE_EXPERIMENTS[arg.on][arg.smoke]
   config.task.conditioning_scale = 1.0
   config.train.steps = arg.steps or (20 if arg.smoke else 3000)
   config.optim.lr = 1e-3
-  val, config.evals = base.evals.val, ConfigDict()
+  val, config.evals = base.evals.get('val'), ConfigDict()
   config.evals.control = ConfigDict(dict(
       type='control', split='validation', num_samples=8 if arg.smoke else 256,
-      batch_size=8 if arg.smoke else 64, sampler='ddim', steps=5 if arg.smoke else 50,
-      guidance_scale=2.0, use_ema=True, seed=0, grid=8 if arg.smoke else 16,
+      batch_size=8 if arg.smoke else 64, sampler=base.task.sampler,
+      steps=5 if arg.smoke else base.task.sample_steps,
+      guidance_scale=base.task.guidance_scale, use_ema=True, seed=0, grid=8 if arg.smoke else 16,
       upscale=1 if arg.smoke else 4))
-  config.evals.val = val
+  if val is not None:
+    config.evals.val = val
   return config

@@ -218,6 +218,26 @@ def test_dit_controlnet_trains_over_a_dit_run(tmp_path):
   assert np.abs(np.asarray(control['controlnet_blocks_0']['kernel'])).max() > 0
 
 
+def test_a_seg_controlnet_over_the_one_object_dit_runs_its_evaluator(tmp_path):
+  base = tmp_path / 'dit_shapes'
+  quiet = ['--config.mesh.data=1', '--config.train.steps=2', '--config.train.checkpoint_every=2']
+  train.train_and_evaluate(zoo_config.load(os.path.join(REPO, 'experiments',
+                                                        'dit_shapes.py:smoke=True'),
+                                           [*quiet, '--config.evals={}']), str(base))
+  config = zoo_config.load(
+      os.path.join(REPO, 'experiments', f'control_seg_shapes.py:smoke=True,on=dit_shapes,'
+                   f'base={base}'), [*quiet, '--config.evals.control.steps=2'])
+  assert (config.model.name, config.model.num_classes, config.data.label_key) == (
+      'dit_controlnet', 64, 'shape_colour')
+  assert config.evals.control.sampler == 'dpmpp_2m' and 'val' not in config.evals
+  train.train_and_evaluate(config, str(tmp_path / 'seg'))
+  rows = [r for r in metrics.read_jsonl(tmp_path / 'seg' / 'metrics.jsonl')
+          if 'control/mean_iou' in r]
+  assert rows and 0 <= rows[-1]['control/mean_iou'] <= 1
+  with pytest.raises(ValueError, match="control_shapes on.*'dit_shapes'"):
+    zoo_config.load(os.path.join(REPO, 'experiments', 'control_seg_shapes.py:on=unet_shapes'))
+
+
 def test_the_cpu_init_draws_op_by_op_what_the_jitted_init_draws():
   config = smoke_config('--config.mesh.data=2')
   batch = {'image': ((4, 16, 16, 1), np.float32), 'label': ((4,), np.int32)}
