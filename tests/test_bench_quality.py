@@ -78,3 +78,42 @@ def test_distillation_table_on_smoke_students(smoke_runs, tmp_path):
       ('teacher', 'dpmpp_2m', 2), ('teacher', 'dpmpp_2m', 20), ('progressive', 'ddim', 2),
       ('consistency', 'consistency', 1), ('consistency', 'consistency', 2)]
   assert rows[4]['fd_ratio'] == 1.0 and all(r['fd_zoo'] > 0 for r in rows)
+
+
+def test_attention_stats_of_uniform_and_local_attention():
+  from zoo.bench import conditioning
+  n = 16  # A 4x4 patch grid.
+  uniform = np.full((1, 1, n, n), 1.0 / n)
+  entropy, mass = conditioning.attention_stats(uniform)
+  assert entropy == pytest.approx(np.log(n))
+  # 3x3 neighbourhoods on a 4x4 grid: 4 corners of 4, 8 edges of 6, 4 inner of 9 cells.
+  assert mass == pytest.approx((4 * 4 + 8 * 6 + 4 * 9) / n / n)
+  self_only = np.eye(n)[None, None]
+  assert conditioning.attention_stats(self_only) == pytest.approx((0.0, 1.0))
+  with pytest.raises(ValueError, match='not a square patch grid'):
+    conditioning.attention_stats(np.full((1, 1, 5, 5), 0.2))
+
+
+def test_conditioning_report_on_the_smoke_dit(smoke_runs, tmp_path):
+  import jax
+  from zoo.bench import conditioning
+  from zoo.nn import layers
+  out = tmp_path / 'conditioning.json'
+  conditioning.main(['--workdir', smoke_runs['dit_shapes'], '--num', '4', '--t', '700', '200',
+                     '--out', str(out)])
+  report = json.loads(out.read_text())
+  config = zoo_config.from_json(open(os.path.join(smoke_runs['dit_shapes'],
+                                                  'config.json')).read())
+  assert [r['t'] for r in report['rows']] == [700, 200]
+  for r in report['rows']:
+    assert len(r['blocks']) == config.model.depth  # One self-attention per block, in order.
+    assert all(0 < b['entropy'] <= r['uniform_entropy'] + 1e-6 for b in r['blocks'])
+    assert all(0 < b['neighbourhood'] <= 1 for b in r['blocks'])
+    assert r['pred_rms'] > 0 and min(r['swap_+1'], r['swap_+8'], r['null']) >= 0
+  # Recording sees eager attention only: under jit the probabilities are tracers, left alone.
+  q = np.ones((1, 4, 1, 2), np.float32)
+  with layers.recorded_attention() as probs:
+    jax.jit(layers.attention_heads)(q, q, q)
+    assert probs == []
+    layers.attention_heads(q, q, q)
+  assert len(probs) == 1 and probs[0].shape == (1, 1, 4, 4)

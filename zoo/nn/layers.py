@@ -8,6 +8,7 @@ Every parameter created here carries logical axis names from the zoo vocabulary
 replicated. Names follow diffusers' Flax models so PyTorch checkpoints convert mechanically.
 """
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -180,7 +181,24 @@ def _attention(q_BxNxAxK, k_BxMxAxK, v_BxMxAxK, mask_BxM, dtype):
     # then averages them all instead of giving NaN.
     logits_BxAxNxM = jnp.where(allowed, logits_BxAxNxM, jnp.finfo(jnp.float32).min)
   probs_BxAxNxM = jax.nn.softmax(logits_BxAxNxM, axis=-1).astype(dtype)
+  if _RECORDED and not isinstance(probs_BxAxNxM, jax.core.Tracer):
+    _RECORDED[-1].append(probs_BxAxNxM)
   return jnp.einsum('banm,bmak->bnak', probs_BxAxNxM, v_BxMxAxK)
+
+
+_RECORDED = []
+
+
+@contextlib.contextmanager
+def recorded_attention():
+  """Yields a list that collects the BxAxNxM probabilities of every attention computed eagerly
+  (not under jit) within the block, in call order: a diagnosis aid (zoo.bench.conditioning)."""
+  probs = []
+  _RECORDED.append(probs)
+  try:
+    yield probs
+  finally:
+    _RECORDED.pop()
 
 
 _attention_recomputed = jax.checkpoint(_attention, static_argnums=(4,))
