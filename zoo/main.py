@@ -7,7 +7,7 @@
              [--prompt "..."]  (text ControlNets: one image per prompt, or --num of one)
   zoo sample --workdir DIR --mode inpaint --image IN.png --mask MASK.png  (--mode outpaint --pad P)
   zoo generate --workdir DIR (--prompts FILE | --from-dataset shapes:test) --num N --out OUTDIR
-  zoo eval   --workdir DIR
+  zoo eval   --workdir DIR [--config.evals.NAME.KEY=V ...]  (e.g. another split, more samples)
   zoo latents --config experiments/NAME.py[:key=value,...] --out DIR [--split S ...]
   zoo index  --workdir DIR (--images IMGDIR | --dataset name[/config]:split) --out INDEX
   zoo search INDEX "a small red star." [-k 5] [--image PATH] [--json] [--out top.png]
@@ -178,8 +178,9 @@ def main(argv=None, quiet_after_failure=False):
   # Our own progress at INFO; the libraries' (Orbax, absl) only when something is wrong.
   logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(name)s: %(message)s')
   logging.getLogger('zoo').setLevel(logging.INFO)
-  if overrides and args.command not in ('train', 'latents', 'convert'):
-    raise SystemExit('--config.* overrides apply to `zoo train`, `zoo latents` and `zoo convert`')
+  if overrides and args.command not in ('train', 'latents', 'convert', 'eval'):
+    raise SystemExit('--config.* overrides apply to `zoo train`, `zoo latents`, `zoo convert` '
+                     'and (config.evals.* only) `zoo eval`')
   # Imported after parsing: `zoo --help` should not wait for JAX.
   from zoo import config as zoo_config
   from zoo import runs
@@ -268,7 +269,7 @@ def main(argv=None, quiet_after_failure=False):
       if args.out:
         search.contact_sheet(args.index, results, args.out)
     else:
-      print(json.dumps(runs.evaluate(args.workdir), indent=2))
+      print(json.dumps(runs.evaluate(args.workdir, overrides=overrides), indent=2))
   except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
     print(f'zoo {args.command}: error: {e}', file=sys.stderr)
     return 2

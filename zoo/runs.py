@@ -49,14 +49,27 @@ _SETUPS = {}
 CONTROL_TASKS = ('controlnet', 'text_controlnet')
 
 
-def evaluate(workdir, step=None):
-  """Runs the run's evaluators on its checkpoint; writes `workdir/eval_metrics.jsonl`."""
+def evaluate(workdir, step=None, overrides=()):
+  """Runs the run's evaluators on its checkpoint; writes `workdir/eval_metrics.jsonl`.
+
+  `overrides` ('--config.evals.NAME.KEY=VALUE', as `zoo train` takes them) change the
+  evaluators only (another split, more samples); results measured under overrides are returned
+  but not appended to eval_metrics.jsonl, which keeps the experiment's own evaluations.
+  """
   config, s, state = load(workdir, step)
+  for item in overrides:
+    key, sep, value = item.removeprefix('--').removeprefix('config.').partition('=')
+    if not sep or not key.startswith('evals.'):
+      raise ValueError(f'zoo eval takes --config.evals.NAME.KEY=VALUE overrides only (the model '
+                       f'and data are the run\'s), not {item!r}')
+    zoo_config.override(config, key, value)
+  if overrides:
+    zoo_config.validate(config)
   step = int(np.asarray(state['step']))
   results = {}
   for name, evaluator in evals.build(config, s.task, workdir).items():
     results |= {f'{name}/{k}': v for k, v in evaluator.run(state, step).items()}
-  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0,
+  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0 and not overrides,
                                 filename='eval_metrics.jsonl')
   writer.write(step, results)
   writer.close()
