@@ -73,13 +73,12 @@ def measure(workdir, *, num=64, timesteps=(900, 600, 300), swaps=(1, 8), use_ema
     for k in swaps:
       row[f'swap_+{k}'] = float(np.sqrt(np.mean((predict((labels_N + k) % n) - base) ** 2)))
     row['null'] = float(np.sqrt(np.mean((predict(np.full_like(labels_N, n)) - base) ** 2)))
-    if config.model.name == 'dit':
+    if config.model.name == 'dit' and probs:
+      tokens = probs[0].shape[-1]
       row['blocks'] = [dict(zip(('entropy', 'neighbourhood'), attention_stats(p)))
                        for p in probs]
-      row['uniform_entropy'] = float(np.log(probs[0].shape[-1])) if probs else None
-      grid = int(round(probs[0].shape[-1] ** 0.5)) if probs else 0
-      row['uniform_neighbourhood'] = (float(neighbourhood_N_N(grid).sum(1).mean() / grid ** 2)
-                                      if grid else None)
+      row['uniform_entropy'] = float(np.log(tokens))
+      row['uniform_neighbourhood'] = float(neighbourhood_N_N(round(tokens ** 0.5)).mean())
     rows.append(row)
   return {'workdir': workdir, 'step': int(np.asarray(state['step'])), 'use_ema': use_ema,
           'num': num, 'rows': rows}
