@@ -134,14 +134,16 @@ def test_stored_config_names_the_base(control_runs):
 
 def test_zoo_eval_overrides_change_the_evaluators_only(control_runs, capsys):
   _, seg = control_runs
-  log = seg / 'eval_metrics.jsonl'
-  before = log.read_text() if log.exists() else None
+  log, grid = seg / 'eval_metrics.jsonl', seg / 'control' / 'step_000006.png'
+  before = (log.read_text() if log.exists() else None), grid.read_bytes()
   assert zoo_main.main(['eval', '--workdir', str(seg), '--config.evals.control.split=test',
                         '--config.evals.control.num_samples=4', '--config.evals.control.steps=2',
-                        '--config.evals.control.grid=0']) == 0
+                        '--config.evals.control.grid=2']) == 0
   results = json.loads(capsys.readouterr().out)
   assert 0 <= results['control/mean_iou'] <= 1 and 'control/silhouette_iou_base' in results
-  assert (log.read_text() if log.exists() else None) == before  # Not the experiment's record.
+  # Not the experiment's record: the log and the training grid stay; this grid goes aside.
+  assert ((log.read_text() if log.exists() else None), grid.read_bytes()) == before
+  assert (seg / 'eval_overrides' / 'control' / 'step_000006.png').exists()
   for bad, message in ((['--config.model.depth=3'], 'config.evals.NAME.KEY=VALUE overrides only'),
                        (['--config.evals.control.nope=1'], "unknown config key "
                                                             "'evals.control.nope'"),

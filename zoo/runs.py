@@ -54,7 +54,8 @@ def evaluate(workdir, step=None, overrides=()):
 
   `overrides` ('--config.evals.NAME.KEY=VALUE', as `zoo train` takes them) change the
   evaluators only (another split, more samples); results measured under overrides are returned
-  but not appended to eval_metrics.jsonl, which keeps the experiment's own evaluations.
+  but not appended to eval_metrics.jsonl, which keeps the experiment's own evaluations, and
+  their PNGs go under `workdir/eval_overrides/` instead of beside the training ones.
   """
   config, s, state = load(workdir, step)
   for item in overrides:
@@ -67,7 +68,8 @@ def evaluate(workdir, step=None, overrides=()):
     zoo_config.validate(config)
   step = int(np.asarray(state['step']))
   results = {}
-  for name, evaluator in evals.build(config, s.task, workdir).items():
+  outputs = os.path.join(workdir, 'eval_overrides') if overrides else workdir
+  for name, evaluator in evals.build(config, s.task, outputs).items():
     results |= {f'{name}/{k}': v for k, v in evaluator.run(state, step).items()}
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0 and not overrides,
                                 filename='eval_metrics.jsonl')
