@@ -23,9 +23,9 @@ Held-out hints are sampled with the base's own sampler, steps and guidance.
 Arguments: control ('depth', 'seg', 'pose' or 'edges'), smoke (bool: the base is the smoke run
 of `on`), base (the base workdir; default workdirs/shapes, smoke /tmp/shapes_smoke; on
 dit_shapes workdirs/dit_shapes, smoke /tmp/dit_shapes_smoke),
-model ('unet' or 'dit': a DiT base gets a DiT ControlNet copying its first half), on (the base's
-experiment: 'shapes_diffusion', the default, or 'dit_shapes', which implies model=dit and its
-data), steps (0 = default).
+model (the base's family: 'unet' or 'dit'; a DiT base gets a DiT ControlNet copying its first
+half; default: unet on shapes_diffusion, dit on dit_shapes, which has no U-Net), on (the base's
+experiment: 'shapes_diffusion', the default, or 'dit_shapes'), steps (0 = default).
 """
 
 from data import conditions
@@ -36,14 +36,16 @@ ConfigDict = zoo_config.ConfigDict
 # The base experiments a ControlNet can sit on: their default (full, smoke) workdirs.
 BASE_EXPERIMENTS = {'shapes_diffusion': ('workdirs/shapes', '/tmp/shapes_smoke'),
                     'dit_shapes': ('workdirs/dit_shapes', '/tmp/dit_shapes_smoke')}
+# The model families each base experiment trains; the first is its default.
+BASE_MODELS = {'shapes_diffusion': ('unet', 'dit'), 'dit_shapes': ('dit',)}
 
 
 def get_config(arg=None, control='depth'):
-  arg = zoo_config.parse_arg(arg, control=control, smoke=False, base='', model='unet',
+  arg = zoo_config.parse_arg(arg, control=control, smoke=False, base='', model='',
                              on='shapes_diffusion', steps=0)
   zoo_config.check_choice(arg.on, BASE_EXPERIMENTS, 'control_shapes on')
-  if arg.on == 'dit_shapes':
-    arg.model = 'dit'
+  arg.model = arg.model or BASE_MODELS[arg.on][0]
+  zoo_config.check_choice(arg.model, BASE_MODELS[arg.on], f'control_shapes on={arg.on} model')
   base = zoo_config.sibling(__file__, arg.on).get_config(
       f'smoke={arg.smoke}' + (f',model={arg.model}' if arg.on == 'shapes_diffusion' else ''))
   hint = conditions.get(arg.control)

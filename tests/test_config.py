@@ -88,6 +88,14 @@ def test_unknown_experiment_argument():
     zoo_config.load(f'{_quickstart()}:smok=True')
 
 
+def test_a_controlnet_base_experiment_takes_only_the_families_it_trains():
+  path = os.path.join(REPO, 'experiments', 'control_seg_shapes.py')
+  assert zoo_config.load(f'{path}:smoke=True,on=dit_shapes').model.name == 'dit_controlnet'
+  assert zoo_config.load(f'{path}:smoke=True').model.name == 'controlnet'
+  with pytest.raises(ValueError, match=r"on=dit_shapes model='unet' is not one of \['dit'\]"):
+    zoo_config.load(f'{path}:smoke=True,on=dit_shapes,model=unet')
+
+
 def test_unknown_keys_written_in_a_file_are_caught():
   config = zoo_config.load(f'{_quickstart()}:smoke=True')
   config.train.unlisted = 3
