@@ -114,6 +114,36 @@ def test_weight_decay_spares_biases_and_scalars():
   assert float(new['bias'][0]) == 1.0 and float(new['logit_scale']) == 1.0
 
 
+def test_lr_mults_scale_the_updates_of_matching_params_and_name_a_pattern_matching_none():
+  cfg = smoke_config('--config.optim.lr=0.1', '--config.optim.warmup_steps=0',
+                     '--config.optim.grad_clip_norm=1.0',
+                     "--config.optim.lr_mults=(('tower/norm/.*', 0.0), ('tower/.*', 0.1))").optim
+  params = {'tower': {'dense': {'kernel': jnp.ones((2, 3))}, 'norm': {'scale': jnp.ones(3)}},
+            'head': {'kernel': jnp.ones((3, 2))}}
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
+  plain = smoke_config('--config.optim.lr=0.1', '--config.optim.warmup_steps=0',
+                       '--config.optim.grad_clip_norm=1.0').optim
+  for cfg_i, want in ((plain, (1.0, 1.0, 1.0)), (cfg, (0.1, 0.0, 1.0))):
+    tx, _ = optim.make(cfg_i, 10, frozen=('other',) if cfg_i is cfg else ())
+    updates, _ = tx.update(grads, tx.init(params), params)
+    if cfg_i is plain:
+      ref = updates
+      continue
+    got = (updates['tower']['dense']['kernel'], updates['tower']['norm']['scale'],
+           updates['head']['kernel'])
+    refs = (ref['tower']['dense']['kernel'], ref['tower']['norm']['scale'], ref['head']['kernel'])
+    for u, r, m in zip(got, refs, want):  # Clipping and decay as without multipliers, then x m.
+      assert float(jnp.abs(r).max()) > 0
+      np.testing.assert_allclose(u, m * r, rtol=1e-6)
+  tx, _ = optim.make(smoke_config("--config.optim.lr_mults=(('towr/.*', 0.1),)").optim, 10)
+  with pytest.raises(ValueError, match=r"'towr/\.\*' matches no param path.*tower/dense/kernel"):
+    tx.init(params)
+  shadowed = "--config.optim.lr_mults=(('tower/.*', 0.1), ('tower/norm/.*', 0.0))"
+  tx, _ = optim.make(smoke_config(shadowed).optim, 10)
+  with pytest.raises(ValueError, match=r"'tower/norm/\.\*' matches is taken by an earlier"):
+    tx.init(params)
+
+
 def test_lr_schedule_warmup_and_decay():
   cfg = smoke_config('--config.optim.warmup_steps=10', '--config.optim.lr=1.0').optim
   sched = optim.lr_schedule(cfg, 110)

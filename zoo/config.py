@@ -51,6 +51,9 @@ _DATA_TEXT = {'caption_key': str, 'tokenizer': str, 'tokenizer_path': str, 'max_
 _DATA_TEXT_OPTIONAL = {'pad_token': str, 'colour_blind': float, 'colour_words': tuple}
 # Optional `config.data.qa`: question/answer pairs as `qa_*` batch arrays (data/qa.py).
 _DATA_QA = {'tokenizer': str, 'tokenizer_path': str, 'max_len': int, 'types': tuple}
+# Optional engine keys and their defaults, filled in before overrides so the CLI can set them
+# (runs saved before a key existed load without it).
+_OPTIONAL = {'optim': {'lr_mults': ()}}
 OPTIMIZERS = ('adamw', 'adam', 'sgd')
 LR_SCHEDULES = ('constant', 'cosine', 'linear')
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -72,6 +75,11 @@ def load(spec, overrides=(), validate_config=True):
     if not hasattr(module, 'get_config'):
       raise ValueError(f'{path} defines no get_config(arg)')
     config = module.get_config(arg or None)
+  for name, defaults in _OPTIONAL.items():
+    if isinstance(config.get(name), ConfigDict):
+      for key, value in defaults.items():
+        if key not in config[name]:
+          config[name][key] = value
   for item in overrides:
     key, sep, value = item.partition('=')
     if not sep:
@@ -174,7 +182,7 @@ def check_choice(value, allowed, key):
 def validate(config):
   """Checks every key, type, name and shape of an experiment before anything compiles."""
   # Imported here: the registries import the models, which import this module's helpers.
-  from zoo import evals, tasks
+  from zoo import evals, optim, tasks
   import data as data_lib
 
   unknown = set(config.keys()) - set(_TOP)
@@ -195,6 +203,7 @@ def validate(config):
   _check_train(config.train)
   check_choice(config.optim.name, OPTIMIZERS, 'config.optim.name')
   check_choice(config.optim.schedule, LR_SCHEDULES, 'config.optim.schedule')
+  optim.check_lr_mults(config.optim.get('lr_mults', ()))
   _check_mesh(config)
   data_lib.check_config(config.data)
   tasks.check_config(config)
@@ -203,7 +212,10 @@ def validate(config):
 
 
 def _optional_sections(section, name):
-  """Optional keys of config.data: `text`, `qa` (token arrays), `mixture` (data/pipeline.py)."""
+  """Optional keys of config.data: `text`, `qa` (token arrays), `mixture` (data/pipeline.py);
+  of config.optim: `lr_mults`."""
+  if name == 'optim':
+    return {'lr_mults': tuple} if 'lr_mults' in section else {}
   if name != 'data':
     return {}
   optional = (('text', ConfigDict), ('qa', ConfigDict), ('mixture', str))

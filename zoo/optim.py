@@ -1,6 +1,7 @@
 """The optax chain from `config.optim`: schedule, clipping, weight decay; plus the params EMA."""
 
 import functools
+import re
 
 from flax.core import meta
 import jax
@@ -31,7 +32,11 @@ def make(optim_config, total_steps, frozen=()):
   """(optax transformation, schedule) for an experiment's `config.optim` and step count.
 
   Top-level params entries named in `frozen` (a task's pretrained parts, e.g. the VAE of a
-  latent-diffusion run) get zero updates and no optimizer state.
+  latent-diffusion run) get zero updates and no optimizer state. `optim.lr_mults` (optional,
+  big_vision's `lr_mults`): ((regex, multiplier), ...) scales the updates of the params whose
+  '/'-joined path fully matches the regex (the first pattern that matches wins; others keep 1),
+  after clipping and weight decay, i.e. their learning rate; e.g. (('vision/.*', 0.1),) trains a
+  pretrained tower at a tenth of the rate of the rest.
   """
   cfg = optim_config
   schedule = lr_schedule(cfg, total_steps)
@@ -45,11 +50,78 @@ def make(optim_config, total_steps, frozen=()):
   else:
     raise ValueError(f'config.optim.name={cfg.name!r}; allowed: adamw, adam, sgd')
   parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
+  lr_mults = tuple(tuple(m) for m in optim_config.get('lr_mults', ()))
+  if lr_mults:
+    check_lr_mults(lr_mults)
+    parts.append(core)
+    core = scale_by_lr_mults(lr_mults)
   tx = optax.chain(*parts, core)
   if frozen:
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
                                functools.partial(_labels, frozen=tuple(frozen)))
   return tx, schedule
+
+
+def check_lr_mults(lr_mults):
+  """Raises ValueError unless `lr_mults` is ((regex, multiplier >= 0), ...), naming the entry."""
+  for i, entry in enumerate(lr_mults):
+    if len(entry) != 2 or not isinstance(entry[0], str) or isinstance(entry[1], bool) or (
+        not isinstance(entry[1], (int, float))) or entry[1] < 0:
+      raise ValueError(f'config.optim.lr_mults[{i}]={entry!r}: want (regex, multiplier >= 0), '
+                       "e.g. (('vision/.*', 0.1),)")
+    try:
+      re.compile(entry[0])
+    except re.error as e:
+      raise ValueError(f'config.optim.lr_mults[{i}]: {entry[0]!r} is not a regex ({e})') from None
+
+
+def param_path(keys):
+  """'a/b/c' for a params leaf's key path (flax boxes and optax masks add no component)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in keys)
+
+
+def lr_multipliers(params, lr_mults):
+  """{path: multiplier} for every params leaf: the first `lr_mults` regex that fully matches its
+  path, else 1.0. Raises ValueError naming a pattern that matches no param (a typo would
+  otherwise train everything at the full rate)."""
+  boxed = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
+  paths = [param_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params,
+                                                                             is_leaf=boxed)[0]]
+  out, used = {}, set()
+  for path in paths:
+    for pattern, mult in lr_mults:
+      if re.fullmatch(pattern, path):
+        out[path] = float(mult)
+        used.add(pattern)
+        break
+    else:
+      out[path] = 1.0
+  for pattern, _ in lr_mults:
+    if pattern in used:
+      continue
+    if any(re.fullmatch(pattern, path) for path in paths):
+      raise ValueError(f'config.optim.lr_mults: every path {pattern!r} matches is taken by an '
+                       'earlier pattern (the first match wins): put the narrower one first')
+    raise ValueError(f'config.optim.lr_mults: {pattern!r} matches no param path; paths look '
+                     f'like {paths[:3]} (all {len(paths)}: zoo.optim.lr_multipliers)')
+  return out
+
+
+def scale_by_lr_mults(lr_mults):
+  """An optax transformation multiplying each update by its path's `lr_multipliers` value."""
+
+  def init(params):
+    lr_multipliers(params, lr_mults)  # Bad patterns fail at init, before the step compiles.
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    mults = lr_multipliers(updates, lr_mults)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, u: u if mults[param_path(kp)] == 1.0 else u * mults[param_path(kp)],
+        updates), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def decay_mask(params):
