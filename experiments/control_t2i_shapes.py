@@ -11,6 +11,11 @@ from experiments/ldm_t2i_shapes.py while the default base is not trained yet).
   zoo train --config experiments/control_t2i_shapes.py:control=seg --workdir workdirs/ctl_seg
   zoo sample --workdir workdirs/ctl_seg --control seg:hint.png --prompt "a red circle." --num 4 \
       --out ctl.png
+  zoo eval --workdir workdirs/ctl_seg     # the `control` evaluator: held-out hints + captions
+
+The `control` evaluator (at the last step, or `zoo eval`) samples held-out validation hints
+under their scenes' first captions with and without the ControlNet and scores both with the
+shapes scorer (mask IoU, depth order, keypoints: zoo/evals/control.py).
 
 A public SD ControlNet over a converted pipeline:
   zoo convert --from diffusers-sd --in path/to/sd15 --out workdirs/sd15
@@ -73,7 +78,13 @@ def get_config(arg=None):
       name='adamw', lr=1e-3 if arg.smoke else 1e-4, schedule='constant',
       warmup_steps=2 if arg.smoke else 200, end_lr_factor=1.0, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.0, grad_clip_norm=1.0, ema_decay=0.99 if arg.smoke else 0.999))
-  config.evals = ConfigDict()  # The shapes control evaluator judges class-conditional runs only.
+  # Held-out hints and their scenes' first captions, with and without control (zoo/evals/control).
+  config.evals = ConfigDict()
+  config.evals.control = ConfigDict(dict(
+      type='control', split='validation', num_samples=4 if arg.smoke else 128,
+      batch_size=4 if arg.smoke else 32, sampler=base.task.sampler,
+      steps=3 if arg.smoke else base.task.sample_steps, guidance_scale=base.task.guidance_scale,
+      use_ema=True, seed=0, grid=4 if arg.smoke else 16, upscale=1 if arg.smoke else 2))
   config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = ConfigDict(sharding.DEFAULT_RULES)
   config.init_from = ''

@@ -244,6 +244,17 @@ def test_text_controlnet_trains_over_the_frozen_run(converted, control, tmp_path
   losses = [r['loss'] for r in metrics.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
             if 'loss' in r]
   assert len(losses) == 3 and np.isfinite(losses).all()
+  # The control evaluator ran at the last step: held-out hints under their scenes' captions,
+  # with the ControlNet and at scale 0 (the base), each scored; a grid hint|ctl|base|real.
+  evaluated, = [r for r in metrics.read_jsonl(tmp_path / 'run' / 'metrics.jsonl')
+                if 'control/overall' in r]
+  for name in ('overall', 'mean_iou', 'silhouette_iou'):
+    for key in (f'control/{name}', f'control/{name}_base'):
+      assert 0.0 <= evaluated[key] <= 1.0, key
+  assert evaluated['control/silhouette_iou'] != evaluated['control/silhouette_iou_base']
+  grid = np.asarray(Image.open(tmp_path / 'run' / 'control' / 'step_000003.png'))
+  side = config.data.resolution
+  assert grid.shape[0] >= 4 * side and grid.shape[1] >= 4 * side
 
 
 @pytest.mark.parametrize('override, match', [

@@ -3,8 +3,10 @@
 Legend: N examples, R resolution, K hint channels.
 
 For `num_samples` examples of a shapes split, the run's hint (depth, seg, pose or edges,
-computed from the example as the pipeline would) and label condition a sample at the run's
-`conditioning_scale` and at scale 0 (exactly the base model: the same model without control).
+computed from the example as the pipeline would) and label (a `controlnet` run) or first
+caption (a `text_controlnet` run: the prompt names each object's colour and shape) condition a
+sample at the run's `conditioning_scale` and at scale 0 (exactly the base model: the same model
+without control).
 Both are judged by `data.shapes.score.score` against the example's scene, from pixels alone:
 
   mean_iou       per visible object, IoU between its given mask and its colour's pixels
@@ -80,9 +82,9 @@ class ControlAdherence:
   @staticmethod
   def check(cfg, config, where):
     generation.check_grid_sampling(cfg, where)
-    if config.task.name != 'controlnet':
-      raise ValueError(f'{where}.type=control needs config.task.name=controlnet, not '
-                       f'{config.task.name!r}')
+    if config.task.name not in ('controlnet', 'text_controlnet'):
+      raise ValueError(f'{where}.type=control needs config.task.name controlnet or '
+                       f'text_controlnet, not {config.task.name!r}')
     if config.data.name != 'shapes':
       raise ValueError(f'{where}.type=control judges shapes scenes; config.data.name is '
                        f'{config.data.name!r}')
@@ -98,10 +100,13 @@ class ControlAdherence:
     rng = jax.random.PRNGKey(cfg.seed)
     for i, start in enumerate(range(0, n, bs)):
       idx_B = np.arange(start, start + bs) % n
-      labels = None if real.labels_N is None or not self.task.num_classes else (
-          real.labels_N[idx_B])
+      if generation.conditioning(self.task) == 'text':
+        condition = dict(prompts=[real.prompts[j] for j in idx_B])
+      else:
+        condition = dict(labels_B=None if real.labels_N is None or not self.task.num_classes
+                         else real.labels_N[idx_B])
       images = self.task.predict['sample'](
-          params, jax.random.fold_in(rng, i), labels, hints=hints[idx_B],
+          params, jax.random.fold_in(rng, i), **condition, hints=hints[idx_B],
           conditioning_scale=scale, sampler=cfg.sampler or None, steps=cfg.steps or None,
           guidance_scale=cfg.guidance_scale)
       out.append(np.asarray(sharding.host_gather(images), np.float32))
