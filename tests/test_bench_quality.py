@@ -94,6 +94,13 @@ def test_attention_stats_of_uniform_and_local_attention():
     conditioning.attention_stats(np.full((1, 1, 5, 5), 0.2))
 
 
+def _schedule_alphas_cumprod(config):
+  from zoo.diffusion import schedules
+  betas = np.asarray(schedules.make_betas(config.task.schedule, config.task.num_timesteps),
+                     np.float64)
+  return np.cumprod(1 - betas)
+
+
 def test_conditioning_report_on_the_smoke_dit(smoke_runs, tmp_path):
   import jax
   from zoo.bench import conditioning
@@ -110,6 +117,10 @@ def test_conditioning_report_on_the_smoke_dit(smoke_runs, tmp_path):
     assert all(0 < b['entropy'] <= r['uniform_entropy'] + 1e-6 for b in r['blocks'])
     assert all(0 < b['neighbourhood'] <= 1 for b in r['blocks'])
     assert r['pred_rms'] > 0 and min(r['swap_+1'], r['swap_+8'], r['null']) >= 0
+    # ε-prediction: x0 - x̂0 = (σ_t / α_t)(ε̂ - ε), so the two errors differ by SNR(t) exactly.
+    ab = float(_schedule_alphas_cumprod(config)[r['t']])
+    assert r['eps_mse'] > 0
+    assert r['x0_mse'] == pytest.approx(r['eps_mse'] * (1 - ab) / ab, rel=1e-4)
   # Recording sees eager attention only: under jit the probabilities are tracers, left alone.
   q = np.ones((1, 4, 1, 2), np.float32)
   with layers.recorded_attention() as probs:
