@@ -136,6 +136,25 @@ def test_vision_from_a_dual_encoder_run_starts_and_locks_the_tower(tmp_path, kin
   if kind == 'siglip':
     return
   vlm = f'experiments/vlm_mid_shapes.py:smoke=True,vision_from={source}'
+  # A shallower tower is the source's first layers (LLaVA's penultimate-layer features).
+  deep_config = zoo_config.load(f'experiments/{kind}_shapes.py:smoke=True',
+                                ['--config.model.image.depth=3'])
+  deep_params = random_params(models.build(deep_config.model), images,
+                              np.ones((4, 8), np.int32), np.ones((4, 8), bool), seed=4)
+  fake_run(str(tmp_path / 'deep'), deep_config, deep_params)
+  deep = f'experiments/vlm_mid_shapes.py:smoke=True,vision_from={tmp_path / "deep"}'
+  shallow = zoo_config.load(deep, ['--config.mesh.data=1', '--config.model.vision_depth=2'])
+  s = train.setup(shallow, {'image': ((4, 32, 32, 3), np.float32),
+                            'qa_tokens': ((4, 20), np.int32), 'qa_mask': ((4, 20), bool),
+                            'qa_prompt_len': ((4,), np.int32), 'qa_type': ((4,), np.int32)})
+  first = train._first_state(s, _NoCheckpoint(), None, jax.random.PRNGKey(1))
+  assert sorted(first['params']['vision']['encoder']) == ['layers_0', 'layers_1']
+  source_tower = deep_params['vision_model']
+  assert_same(first['params']['vision'], {
+      k: ({n: w for n, w in v.items() if n != 'layers_2'} if k == 'encoder' else v)
+      for k, v in source_tower.items() if k != 'head'})
+  with pytest.raises(ValueError, match=r'vision_depth \(4 here, 3 there\)'):
+    zoo_config.load(deep, ['--config.model.vision_depth=4'])
   bad = {
       r"vision_width \(48 here, 32 there\)": (vlm, ['--config.model.vision_width=48']),
       'both initialise the vision tower': (f'{vlm},init={tmp_path / "vlm"}', []),

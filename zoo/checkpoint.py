@@ -31,8 +31,9 @@ log = logging.getLogger('zoo')
 class Source(typing.NamedTuple):
   """Where a task's pretrained part of the params comes from (its `task.pretrained` values).
 
-  `subtree`: the top-level entry of that run's params ('' = all of them); `ignore`: top-level
-  entries of that tree the part lacks on purpose (a ViT classifier's `classifier` layer).
+  `subtree`: the top-level entry of that run's params ('' = all of them); `ignore`: entries
+  (top-level names or '/'-paths) of that tree the part lacks on purpose (a ViT classifier's
+  `classifier` layer, the layers past a truncated tower's depth).
   """
   workdir: str
   subtree: str
@@ -273,9 +274,10 @@ def load_params(directory, abstract_params, *, use_ema=False, subtree='', ignore
 
   With `subtree` only that top-level entry of the run's params is read (e.g. the 'vae' of a
   VAE run, frozen inside a latent-diffusion run); `abstract_params` then describes it alone.
-  `ignore` names top-level entries of the stored tree the model lacks on purpose (a ViT
-  classifier's `classifier` when its tower goes into a dual encoder): they are left out and
-  logged; every other difference still raises.
+  `ignore` names entries of the stored tree the model lacks on purpose, top-level names or
+  '/'-paths (a ViT classifier's `classifier` when its tower goes into a dual encoder; a
+  tower's `encoder/layers_3` when the model keeps its first three layers): they are left out
+  and logged; every other difference still raises.
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
@@ -292,10 +294,13 @@ def load_params(directory, abstract_params, *, use_ema=False, subtree='', ignore
       raise ValueError(f'checkpoint {where} has no {subtree!r} params; it has '
                        f'{sorted(_top_level(stored))}')
     stored, where = _subtree(stored, subtree), f'{where}/{subtree}'
-  left_out = sorted(k for k in ignore if k in _top_level(stored) and k not in abstract_params)
+  wanted = _shapes(abstract_params)
+  under = lambda path, prefix: path == prefix or path.startswith(prefix + '/')  # noqa: E731
+  left_out = sorted(p for p in ignore if any(under(k, p) for k in stored)
+                    and not any(under(k, p) for k in wanted))
   if left_out:
     log.info('%s: leaving out %s (not part of this model)', where, left_out)
-    stored = {k: v for k, v in stored.items() if k.split('/')[0] not in left_out}
+    stored = {k: v for k, v in stored.items() if not any(under(k, p) for p in left_out)}
   check_compatible(stored, abstract_params, where)
   item = {key: {subtree: abstract_params} if subtree else abstract_params}
   try:

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from zoo import checkpoint
+
 
 def lr_schedule(optim_config, total_steps):
   """Linear warmup, then constant / cosine / linear decay to `end_lr_factor * lr` at the end."""
@@ -75,18 +77,13 @@ def check_lr_mults(lr_mults):
       raise ValueError(f'config.optim.lr_mults[{i}]: {entry[0]!r} is not a regex ({e})') from None
 
 
-def param_path(keys):
-  """'a/b/c' for a params leaf's key path (flax boxes and optax masks add no component)."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in keys)
-
-
 def lr_multipliers(params, lr_mults):
   """{path: multiplier} for every params leaf: the first `lr_mults` regex that fully matches its
   path, else 1.0. Raises ValueError naming a pattern that matches no param (a typo would
   otherwise train everything at the full rate)."""
   boxed = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
-  paths = [param_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params,
-                                                                             is_leaf=boxed)[0]]
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=boxed)[0]
+  paths = [checkpoint.path_str(kp) for kp, _ in flat]
   out, used = {}, set()
   for path in paths:
     for pattern, mult in lr_mults:
@@ -117,9 +114,11 @@ def scale_by_lr_mults(lr_mults):
   def update(updates, state, params=None):
     del params
     mults = lr_multipliers(updates, lr_mults)
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, u: u if mults[param_path(kp)] == 1.0 else u * mults[param_path(kp)],
-        updates), state
+
+    def scale(kp, u):
+      m = mults[checkpoint.path_str(kp)]
+      return u if m == 1.0 else u * m
+    return jax.tree_util.tree_map_with_path(scale, updates), state
 
   return optax.GradientTransformation(init, update)
 

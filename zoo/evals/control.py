@@ -100,7 +100,7 @@ class ControlAdherence:
     rng = jax.random.PRNGKey(cfg.seed)
     for i, start in enumerate(range(0, n, bs)):
       idx_B = np.arange(start, start + bs) % n
-      if generation.conditioning(self.task) == 'text':
+      if getattr(self.task, 'conditioning', None) == 'text':  # A text ControlNet.
         condition = dict(prompts=[real.prompts[j] for j in idx_B])
       else:
         condition = dict(labels_B=None if real.labels_N is None or not self.task.num_classes

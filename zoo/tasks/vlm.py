@@ -23,8 +23,10 @@ to open for), while one warm-started from an early- or late-fusion run opens the
 `task.vision_from` (a dual encoder's or a ViT classifier's run) initialises the vision tower
 alone from that run's image tower (EMA), as Flamingo and LLaVA start from a contrastively
 trained encoder; `config.model`'s vision fields must describe the same tower (`vision_config`
-gives them). `task.lock_vision` freezes the tower (no updates, no optimizer state, no gradient
-computed), whichever run it came from.
+gives them), except that `model.vision_depth` may be smaller: the tower is then the source's
+first vision_depth layers (LLaVA reads CLIP's penultimate layer: a class-token tower's last
+layer is trained only for the class token). `task.lock_vision` freezes the tower (no updates,
+no optimizer state, no gradient computed), whichever run it came from.
 """
 
 import jax
@@ -73,7 +75,10 @@ def _check_vision_from(config, *, must_exist=False):
   ours = models.fields('vlm') | models.kwargs(config.model)
   ours['vision_mlp_dim'] = ours['vision_mlp_dim'] or 4 * ours['vision_width']
   ours['vision_stem'] = tuple(ours['vision_stem'])
-  differ = sorted(k for k in want if ours[k] != want[k])
+  # A shallower tower keeps the source's first vision_depth layers (LLaVA reads the
+  # penultimate layer of CLIP: a CLS-pooled tower's last layer trains only the class token).
+  differ = sorted(k for k in want if ours[k] != want[k] and not (
+      k == 'vision_depth' and 1 <= ours[k] < want[k]))
   if differ:
     raise ValueError(f'config.model differs from the image tower of config.task.vision_from='
                      f'{task.vision_from!r} in ' + ', '.join(
@@ -129,8 +134,10 @@ class VLMTask:
     if self.cfg.vision_from:
       _check_vision_from(config, must_exist=True)
       name, _ = contrastive.source_tower(self.cfg.vision_from, 'config.task.vision_from')
+      source_depth = vision_config(self.cfg.vision_from)['vision_depth']
+      unused = tuple(f'encoder/layers_{i}' for i in range(self.model.vision_depth, source_depth))
       self.pretrained['vision'] = checkpoint.Source(
-          self.cfg.vision_from, contrastive.TOWER_SUBTREES[name], ignore=TOWER_HEADS)
+          self.cfg.vision_from, contrastive.TOWER_SUBTREES[name], ignore=TOWER_HEADS + unused)
     if self.cfg.lock_vision and 'vision' not in self.pretrained:
       raise ValueError(f'config.task.lock_vision=True but config.task.pretrained_from='
                        f'{self.cfg.pretrained_from!r} has no vision tower to start it from')
