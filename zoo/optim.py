@@ -52,11 +52,10 @@ def make(optim_config, total_steps, frozen=()):
   else:
     raise ValueError(f'config.optim.name={cfg.name!r}; allowed: adamw, adam, sgd')
   parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
-  lr_mults = tuple(tuple(m) for m in optim_config.get('lr_mults', ()))
+  lr_mults = optim_config.get('lr_mults', ())
+  check_lr_mults(lr_mults)
   if lr_mults:
-    check_lr_mults(lr_mults)
-    parts.append(core)
-    core = scale_by_lr_mults(lr_mults)
+    core = optax.chain(core, scale_by_lr_mults(tuple(tuple(m) for m in lr_mults)))
   tx = optax.chain(*parts, core)
   if frozen:
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
@@ -67,7 +66,8 @@ def make(optim_config, total_steps, frozen=()):
 def check_lr_mults(lr_mults):
   """Raises ValueError unless `lr_mults` is ((regex, multiplier >= 0), ...), naming the entry."""
   for i, entry in enumerate(lr_mults):
-    if len(entry) != 2 or not isinstance(entry[0], str) or isinstance(entry[1], bool) or (
+    pair = isinstance(entry, (tuple, list)) and len(entry) == 2
+    if not pair or not isinstance(entry[0], str) or isinstance(entry[1], bool) or (
         not isinstance(entry[1], (int, float))) or entry[1] < 0:
       raise ValueError(f'config.optim.lr_mults[{i}]={entry!r}: want (regex, multiplier >= 0), '
                        "e.g. (('vision/.*', 0.1),)")
